@@ -201,6 +201,11 @@ class HFTextSession(Session):
         return len(self._ids)
 
     @property
+    def pending_logits(self):
+        """The next-token logits `decode_one` will sample from (None before prefill)."""
+        return self._logits
+
+    @property
     def media_spans(self) -> list[tuple[int, int]]:
         """[start, end) of each media block in the resident ids."""
         return list(self._media_spans)

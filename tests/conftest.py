@@ -1,0 +1,36 @@
+"""Shared fixtures. The default model is loaded once per test run."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download at test time
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from tests.cases import CASES, default_engine  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smol():
+    """The real embedded default, SmolLM2-135M-Instruct, on the default device."""
+    return default_engine()
+
+
+@pytest.fixture(scope="session", params=CASES, ids=[c.id for c in CASES])
+def case(request):
+    """(case, engine) for every engine the contract suite covers."""
+    c = request.param
+    return c, c.make_engine()
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    out = ROOT / "artifacts"
+    out.mkdir(exist_ok=True)
+    return out
