@@ -1,0 +1,127 @@
+"""Widget values -> Conversation arguments, with plain-words validation.
+
+Knows nothing of Gradio objects or tensors: it takes the MultimodalTextbox's
+dict (`{"text": str, "files": [paths]}`) and control values, and returns
+`MultimodalInput` parts and a `SamplingConfig`, or raises `BadInput` with a
+message fit to show a person.
+"""
+
+from __future__ import annotations
+
+import math
+import mimetypes
+import os
+
+from engines import InvalidArgument, MultimodalInput, SamplingConfig
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp"}
+AUDIO_EXTS = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".m4a", ".webm"}
+DEFAULT_MAX_FILE_MB = 20
+
+
+class BadInput(ValueError):
+    """The user's input cannot be sent; the message says why and what to do."""
+
+
+def describe_modalities(modalities) -> str:
+    kinds = [k for k in ("text", "image", "audio") if k in modalities]
+    return " and ".join(kinds) if len(kinds) < 3 else "text, images and audio"
+
+
+def file_kind(path: str) -> str | None:
+    """"image", "audio" or None (unsupported), from the extension, then the mime type."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext in IMAGE_EXTS:
+        return "image"
+    if ext in AUDIO_EXTS:
+        return "audio"
+    mime = mimetypes.guess_type(path)[0] or ""
+    if mime.startswith("image/"):
+        return "image"
+    if mime.startswith("audio/"):
+        return "audio"
+    return None
+
+
+def parse_box(value, modalities, model_name: str, max_file_mb: float = DEFAULT_MAX_FILE_MB,
+              allow_empty: bool = False) -> list[MultimodalInput]:
+    """The textbox value as parts: media first, then the text (the common chat layout).
+
+    Raises BadInput for an empty message, an unsupported or oversized file, or
+    a modality the model cannot take.
+    """
+    value = value or {}
+    if isinstance(value, str):
+        value = {"text": value, "files": []}
+    text = value.get("text") or ""
+    files = [f if isinstance(f, str) else (f.get("path") if isinstance(f, dict) else str(f))
+             for f in (value.get("files") or [])]
+    if not text.strip() and not files and not allow_empty:
+        raise BadInput("The message is empty: type something (or attach a file) and send again.")
+    parts: list[MultimodalInput] = []
+    for path in files:
+        name = os.path.basename(path)
+        kind = file_kind(path)
+        if kind is None:
+            raise BadInput(
+                f"{name} is not a supported file type. Attach images "
+                f"({', '.join(sorted(e[1:] for e in IMAGE_EXTS))}) or audio "
+                f"({', '.join(sorted(e[1:] for e in AUDIO_EXTS))}). Your text is kept."
+            )
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            raise BadInput(f"{name} could not be read; attach it again.") from None
+        if size > max_file_mb * 1024 * 1024:
+            raise BadInput(
+                f"{name} is {size / 1048576:.1f} MB, over the {max_file_mb:g} MB upload limit. "
+                "Attach a smaller file; your text is kept."
+            )
+        if kind not in modalities:
+            what = "images" if kind == "image" else "audio (recordings or files)"
+            raise BadInput(
+                f"{model_name} cannot take {what}: it accepts {describe_modalities(modalities)} only. "
+                f"Remove {name} and send again, or start the app with a model that takes {kind} "
+                "(--model). Your text is kept."
+            )
+        parts.append(MultimodalInput.image(path) if kind == "image" else MultimodalInput.audio(path))
+    if text:
+        parts.append(MultimodalInput.text(text))
+    return parts
+
+
+def parse_stop_strings(text: str | None) -> tuple[str, ...]:
+    """One stop string per line; `\\n` and `\\t` escapes allowed; blank lines ignored."""
+    out = []
+    for line in (text or "").splitlines():
+        if line.strip():
+            out.append(line.replace("\\n", "\n").replace("\\t", "\t"))
+    return tuple(out)
+
+
+def make_sampling(temperature, top_p, top_k, repetition_penalty, seed) -> SamplingConfig:
+    """A SamplingConfig from control values; blank or negative seed means random."""
+    try:
+        if seed is None or (isinstance(seed, float) and math.isnan(seed)) or seed == "" or float(seed) < 0:
+            seed = None
+        else:
+            seed = int(seed)
+        return SamplingConfig(
+            temperature=float(temperature if temperature is not None else 0.0),
+            top_p=float(top_p if top_p is not None else 1.0),
+            top_k=int(top_k or 0),
+            repetition_penalty=float(repetition_penalty if repetition_penalty is not None else 1.0),
+            seed=seed,
+        )
+    except (InvalidArgument, TypeError, ValueError) as e:
+        raise BadInput(f"Sampling settings: {e}") from None
+
+
+def clamp_new_tokens(n, cap: int) -> int:
+    try:
+        n = int(n)
+    except (TypeError, ValueError):
+        raise BadInput(f"max new tokens must be a whole number, got {n!r}") from None
+    if n < 1:
+        raise BadInput(f"max new tokens must be at least 1, got {n}")
+    return min(n, cap)
