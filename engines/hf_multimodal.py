@@ -1,0 +1,494 @@
+"""transformers image/audio-text-to-text models behind the Engine / Session contract.
+
+Knows nothing of Gradio or of conversations. Built on `hf_text`: the same
+session, cache and sampling; this module adds what media need:
+
+- each image or audio input becomes one *media block*: the processor expands
+  the family's marker (e.g. `<|vision_start|><|image_pad|><|vision_end|>`) into
+  placeholder ids plus features (pixel values, mel features), which the model
+  merges into its embeddings at prefill;
+- `media_spans` record each block, so `can_seek` refuses a cut inside one;
+- per-conversation model state lives in the session: M-RoPE positions
+  (Qwen2-VL's `rope_deltas`) and Gemma 3's image-token types are computed per
+  session and passed explicitly, so the shared model object holds none.
+
+Differences from the contract: none. The model never samples a media
+placeholder id (its logit is pinned to the dtype's minimum): a placeholder
+without features behind it would be meaningless. Qwen2-VL / Qwen2.5-VL take
+images only (their video processor needs torchvision).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from . import kv
+from .base import EngineError, InvalidArgument, MultimodalInput, NotSupported, SessionPoisoned, _is_pil
+from .hf_text import HFTextEngine, HFTextSession, Prepared, _check_inputs
+
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "MPO")  # MPO: JPEG from phone cameras
+MAX_IMAGE_PIXELS = 50_000_000  # refuse decompression bombs before decoding
+MAX_IMAGE_BYTES = 50 << 20
+MAX_AUDIO_SECONDS = 30.0  # used when the feature extractor states no chunk length
+MEMO_SIZE = 16  # processed media kept per engine, by content hash
+
+MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+IDEFICS_FAMILIES = ("idefics2", "idefics3", "smolvlm")  # pixel tensors batch images on dim 1
+TOKEN_TYPE_FAMILIES = ("gemma3",)  # image blocks attend bidirectionally, by token type
+
+
+@dataclass
+class MediaPrepared(Prepared):
+    """`Prepared` plus each block's own ids and features, so a seek to a block's
+    end can re-run the whole block."""
+
+    blocks: list[tuple[list[int], dict]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_multimodal(source, name, config, device, dtype, max_context, max_sessions, chat_template):
+    """Load a processor and an image/audio-text-to-text model from `source`."""
+    try:
+        processor = load_processor(source, config)
+        model = _model_class(config).from_pretrained(source, dtype=dtype).to(device)
+    except EngineError:
+        raise
+    except Exception as e:
+        raise EngineError(f"cannot load {name} as a multimodal model: {e}") from e
+    return HFMultimodalEngine(
+        model, processor, name=name, max_context=max_context, max_sessions=max_sessions,
+        chat_template=chat_template,
+    )
+
+
+def load_processor(source, config):
+    """AutoProcessor, except for Qwen2-VL / 2.5-VL, whose AutoProcessor also builds
+    a video processor that needs torchvision: there, image processor + tokenizer."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    if config.model_type in MROPE_FAMILIES:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        if config.model_type == "qwen2_vl":
+            from transformers import Qwen2VLProcessor as cls
+        else:
+            from transformers import Qwen2_5_VLProcessor as cls
+        tok = AutoTokenizer.from_pretrained(source)
+        return _images_only(cls)(image_processor=Qwen2VLImageProcessorPil.from_pretrained(source), tokenizer=tok,
+                   chat_template=getattr(tok, "chat_template", None))
+    return AutoProcessor.from_pretrained(source)
+
+
+def _images_only(cls):
+    class ImagesOnly(cls):
+        """The processor without its video processor, which needs torchvision."""
+
+        def check_argument_for_proper_class(self, name, arg):
+            return None if arg is None else super().check_argument_for_proper_class(name, arg)
+
+    ImagesOnly.__name__ = cls.__name__
+    return ImagesOnly
+
+
+def _model_class(config):
+    from transformers import AutoModelForImageTextToText, AutoModelForMultimodalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    if config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return AutoModelForImageTextToText
+    return AutoModelForMultimodalLM
+
+
+# --------------------------------------------------------------------------- engine
+
+
+class HFMultimodalEngine(HFTextEngine):
+    """A transformers multimodal LM and its processor, on one device and dtype."""
+
+    def __init__(self, model, processor, **kw):
+        tokenizer = getattr(processor, "tokenizer", processor)
+        kw["chat_template"] = kw.get("chat_template") or getattr(processor, "chat_template", None)
+        super().__init__(model, tokenizer, **kw)
+        self.processor = processor
+        cfg = model.config
+        self.family = cfg.model_type
+        self.image_processor = getattr(processor, "image_processor", None)
+        self.feature_extractor = getattr(processor, "feature_extractor", None)
+        mods = {"text", "tokens"}
+        if self.image_processor is not None and _has_vision(model):
+            mods.add("image")
+        if self.feature_extractor is not None and hasattr(cfg, "audio_config"):
+            mods.add("audio")
+        self.modalities = frozenset(mods)
+        self.markers = {k: _marker(processor, k) for k in ("image", "audio") if k in mods}
+        self.placeholder_ids = _placeholder_ids(cfg)
+        self.image_token_id = _first_attr(cfg, "image_token_id", "image_token_index")
+        self.mrope = self.family in MROPE_FAMILIES
+        self.token_types = self.family in TOKEN_TYPE_FAMILIES
+        fe = self.feature_extractor
+        self.sample_rate = getattr(fe, "sampling_rate", None)
+        chunk = getattr(fe, "chunk_length", None)
+        self.max_audio_seconds = float(chunk) if chunk else MAX_AUDIO_SECONDS
+        self._memo: OrderedDict = OrderedDict()
+        self._memo_lock = threading.Lock()
+
+    # -- planning helpers
+
+    def prepare(self, inputs: Sequence[MultimodalInput]) -> MediaPrepared:
+        """Validate inputs; media become blocks of placeholder ids plus features."""
+        inputs = _check_inputs(inputs)
+        ids: list[int] = []
+        spans, blocks = [], []
+        for i, inp in enumerate(inputs):
+            if inp.kind not in self.modalities:
+                raise NotSupported(
+                    f"input {i} is {inp.kind}, but {self.name} takes only {', '.join(sorted(self.modalities))}"
+                )
+            if inp.kind in ("image", "audio"):
+                block_ids, feats = self._media(inp, i)
+                spans.append((len(ids), len(ids) + len(block_ids)))
+                blocks.append((block_ids, feats))
+                ids.extend(block_ids)
+                continue
+            if inp.kind == "text":
+                part = self.tokenizer.encode(inp.value, add_special_tokens=False)
+            else:
+                part = list(inp.value)
+                bad = [t for t in part if t >= self.vocab_size]
+                if bad:
+                    raise InvalidArgument(
+                        f"input {i} has token id {bad[0]}, outside the vocabulary of {self.vocab_size}"
+                    )
+            held = sorted(set(part) & self.placeholder_ids)
+            if held:
+                raise InvalidArgument(
+                    f"input {i} holds the media placeholder id {held[0]} "
+                    f"({self.tokenizer.convert_ids_to_tokens(held[0])!r}); pass media as image/audio inputs"
+                )
+            ids.extend(part)
+        extras = _merge([f for _, f in blocks], self.family)
+        return MediaPrepared(ids, extras, spans, blocks)
+
+    def _media(self, inp: MultimodalInput, index: int) -> tuple[list[int], dict]:
+        """(placeholder ids, features) of one media input, memoized by content."""
+        key = inp.key()
+        with self._memo_lock:
+            if key in self._memo:
+                self._memo.move_to_end(key)
+                ids, feats = self._memo[key]
+                return list(ids), feats
+        if inp.kind == "image":
+            image = load_image(inp.value, index, self._image_cap())
+            out = self._process(index, self.markers["image"], images=[image])
+        else:
+            wave = load_audio(inp.value, inp.sample_rate, index, self.sample_rate, self.max_audio_seconds)
+            out = self._process(index, self.markers["audio"], audio=[wave], sampling_rate=self.sample_rate)
+        ids = out["input_ids"][0].tolist()
+        if not set(ids) & self.placeholder_ids:
+            raise InvalidArgument(f"input {index}: the processor gave no {inp.kind} placeholder ids for it")
+        feats = {k: v for k, v in out.items() if torch.is_tensor(v) and k not in _TEXT_KEYS}
+        with self._memo_lock:
+            self._memo[key] = (ids, feats)
+            while len(self._memo) > MEMO_SIZE:
+                self._memo.popitem(last=False)
+        return list(ids), feats
+
+    def _process(self, index, marker, **media):
+        try:
+            return self.processor(text=[marker], return_tensors="pt", add_special_tokens=False, **media)
+        except (ValueError, TypeError, RuntimeError) as e:  # the processor's own checks (sizes, rates)
+            raise InvalidArgument(f"input {index}: the processor rejected it: {e}") from e
+
+    def _image_cap(self) -> dict:
+        """The largest size the image processor keeps; bigger images are downscaled first."""
+        ip = self.image_processor
+        size = dict(getattr(ip, "size", None) or {})
+        cap = {}
+        if "longest_edge" in size:
+            cap["long"] = size["longest_edge"]
+        if "shortest_edge" in size:
+            cap["short"] = size["shortest_edge"]
+        if "height" in size and "width" in size:
+            cap["short"] = max(size["height"], size["width"])
+        max_pixels = getattr(ip, "max_pixels", None) or size.get("max_pixels")
+        if max_pixels:
+            cap["pixels"] = max_pixels
+        return cap
+
+    # -- the model (called with self.lock held)
+
+    def forward(self, ids, cache, extras, session) -> torch.Tensor:
+        if torch.get_num_threads() != self.num_threads:
+            torch.set_num_threads(self.num_threads)
+        kw = {k: _to(v, self.device, self.dtype) for k, v in extras.items()}
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **kw)
+        logits = out.logits[0, -1]
+        if self.placeholder_ids:
+            logits[sorted(self.placeholder_ids)] = torch.finfo(logits.dtype).min
+        return logits
+
+    def mrope_positions(self, ids: list[int], extras: dict, offset: int) -> torch.Tensor:
+        """3-D M-RoPE positions (3, 1, len) of a chunk that starts at text position `offset`."""
+        n = len(ids)
+        grid = extras.get("image_grid_thw")
+        if grid is None:
+            return (torch.arange(n) + offset).view(1, 1, -1).expand(3, 1, -1)
+        input_ids = torch.tensor([ids])
+        types = (input_ids == self.image_token_id).int()
+        pos, _ = self.model.model.get_rope_index(input_ids, mm_token_type_ids=types, image_grid_thw=grid)
+        return pos + offset
+
+
+class HFMultimodalSession(HFTextSession):
+    """One conversation on an `HFMultimodalEngine`. Also holds the conversation's
+    M-RoPE positions and each media block's features (for a seek to its end)."""
+
+    def _clear(self) -> None:
+        super()._clear()
+        self._rope_next: list[int] = []  # M-RoPE: next text position after each resident id
+        self._blocks: dict[tuple[int, int], tuple[list[int], dict]] = {}
+
+    @property
+    def rope_deltas(self) -> int | None:
+        """Qwen2-VL's per-conversation offset of positions from token indices."""
+        if not self._engine.mrope:
+            return None
+        return (self._rope_next[-1] if self._rope_next else 0) - self.position
+
+    def _run(self, ids: list[int], extras: dict) -> None:
+        eng = self._engine
+        extras = dict(extras)
+        nxt = None
+        if eng.mrope:
+            del self._rope_next[self.position :]  # a seek dropped these
+            offset = self._rope_next[-1] if self._rope_next else 0
+            pos = eng.mrope_positions(ids, extras, offset)
+            extras["position_ids"] = pos
+            nxt = (pos.amax(dim=0)[0].cummax(dim=0).values + 1).tolist()
+        if eng.token_types and eng.image_token_id in ids:
+            # Gemma 3 reads token types by absolute position, so give them from position 0.
+            full = torch.tensor([self._ids + ids])
+            extras["token_type_ids"] = (full == eng.image_token_id).long()
+        super()._run(ids, extras)
+        if nxt is not None:
+            self._rope_next.extend(nxt)
+
+    def prefill(self, inputs, num_bos=0, num_eos=0) -> int:
+        before = len(self._media_spans)
+        out = super().prefill(inputs, num_bos, num_eos)
+        new = self._media_spans[before:]
+        if new:  # keep each block's features for a later seek to its end
+            self._blocks.update(zip(new, self._engine.prepare(inputs).blocks))  # media memoized: cheap
+        return out
+
+    def can_seek(self, pos: int) -> bool:
+        if not super().can_seek(pos):
+            return False
+        span = self._block_ending_at(pos)
+        return span is None or span[0] >= kv.seek_floor(self._cache)
+
+    def seek(self, pos: int) -> None:
+        span = self._block_ending_at(pos) if isinstance(pos, int) and not isinstance(pos, bool) else None
+        if span is None or not self.can_seek(pos):
+            return super().seek(pos)
+        # The block's last id is a placeholder whose embedding came from the
+        # features: crop to the block's start and re-run the whole block.
+        self._usable()
+        self._stop.clear()
+        a, _ = span
+        block_ids, feats = self._blocks[span]
+        del self._ids[a:]
+        self._media_spans = [s for s in self._media_spans if s[1] <= a]
+        try:
+            kv.crop_to(self._cache, a)
+        except Exception as e:
+            self._poisoned = e
+            raise SessionPoisoned(f"cache crop failed: {e!r}; call reset()") from e
+        self._run(list(block_ids), feats)
+        self._media_spans.append(span)
+        self._after_move()
+
+    def _block_ending_at(self, pos):
+        if pos == self.position:
+            return None
+        return next((s for s in self._media_spans if s[1] == pos and s in self._blocks), None)
+
+
+HFMultimodalEngine.session_class = HFMultimodalSession
+
+
+# --------------------------------------------------------------------------- media
+
+
+def load_image(value, index: int, cap: dict):
+    """A PIL RGB image from a PIL image, path or bytes (first frame of a GIF),
+    downscaled to at most what the processor keeps."""
+    from PIL import Image, UnidentifiedImageError
+
+    if _is_pil(value):
+        img = value
+    elif isinstance(value, (str, os.PathLike, bytes)):
+        if isinstance(value, bytes):
+            if len(value) > MAX_IMAGE_BYTES:
+                raise InvalidArgument(f"input {index}: image of {len(value)} bytes exceeds {MAX_IMAGE_BYTES}")
+            src = io.BytesIO(value)
+        else:
+            if not os.path.isfile(value):
+                raise InvalidArgument(f"input {index}: image file not found: {os.fspath(value)}")
+            src = value
+        try:
+            img = Image.open(src)
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+            raise InvalidArgument(f"input {index}: not a readable image ({e})") from e
+        if img.format not in IMAGE_FORMATS:
+            raise InvalidArgument(
+                f"input {index}: image format {img.format} is not supported (use PNG, JPEG, WebP or GIF)"
+            )
+    else:
+        raise InvalidArgument(f"input {index}: an image must be a PIL image, a path or bytes, "
+                              f"got {type(value).__name__}")
+    w, h = img.size
+    if w * h > MAX_IMAGE_PIXELS:
+        raise InvalidArgument(f"input {index}: image of {w}x{h} pixels exceeds the limit of {MAX_IMAGE_PIXELS}")
+    if w < 1 or h < 1:
+        raise InvalidArgument(f"input {index}: image is empty ({w}x{h})")
+    target = _target_size(w, h, cap)
+    try:
+        if getattr(img, "n_frames", 1) > 1:
+            img.seek(0)  # animated GIF/WebP: the first frame
+        if target != (w, h) and img.format == "JPEG":
+            img.draft("RGB", target)  # decode at reduced scale: less memory
+        img.load()
+        img = img.convert("RGB")
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise InvalidArgument(f"input {index}: corrupt image ({e})") from e
+    if img.size != target:
+        img = img.resize(_target_size(*img.size, cap), Image.Resampling.BICUBIC)
+    return img
+
+
+def _target_size(w: int, h: int, cap: dict) -> tuple[int, int]:
+    """Scale down (never up) so the image is no larger than the processor keeps."""
+    scale = [1.0]
+    if "long" in cap:
+        scale.append(cap["long"] / max(w, h))
+    if "short" in cap:  # the processor resizes the short side to this
+        scale.append(cap["short"] / min(w, h))
+    if "pixels" in cap:
+        scale.append((cap["pixels"] / (w * h)) ** 0.5)
+    s = min(scale)
+    if s >= 1.0:
+        return w, h
+    return max(1, round(w * s)), max(1, round(h * s))
+
+
+def load_audio(value, sample_rate, index: int, target_rate: int, max_seconds: float) -> np.ndarray:
+    """A mono float32 waveform at `target_rate` from a numpy array or a sound file."""
+    import soundfile as sf
+    import soxr
+
+    if isinstance(value, (str, os.PathLike, bytes)):
+        if not isinstance(value, bytes) and not os.path.isfile(value):
+            raise InvalidArgument(f"input {index}: audio file not found: {os.fspath(value)}")
+        try:
+            data, rate = sf.read(io.BytesIO(value) if isinstance(value, bytes) else value,
+                                 dtype="float32", always_2d=True)
+        except (sf.LibsndfileError, RuntimeError, OSError, ValueError, TypeError) as e:
+            raise InvalidArgument(f"input {index}: not a readable sound file ({e})") from e
+        wave = data.mean(axis=1)  # (frames, channels) -> mono
+    elif isinstance(value, np.ndarray):
+        if not np.issubdtype(value.dtype, np.number):
+            raise InvalidArgument(f"input {index}: audio waveform must be numeric, got {value.dtype}")
+        wave = value.astype(np.float32)
+        if wave.ndim == 2:
+            wave = wave.mean(axis=0)  # (channels, samples) -> mono
+        rate = sample_rate
+    else:
+        raise InvalidArgument(f"input {index}: audio must be a numpy waveform or a path, got {type(value).__name__}")
+    if wave.size == 0:
+        raise InvalidArgument(f"input {index}: audio is empty")
+    if not np.isfinite(wave).all():
+        raise InvalidArgument(f"input {index}: audio holds NaN or infinite samples")
+    seconds = wave.size / rate
+    if seconds > max_seconds:
+        raise InvalidArgument(f"input {index}: audio of {seconds:.1f} s exceeds the limit of {max_seconds:.0f} s")
+    if rate != target_rate:
+        wave = soxr.resample(wave, rate, target_rate)
+    return np.ascontiguousarray(wave, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- helpers
+
+_TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+
+
+def _merge(feats: list[dict], family: str) -> dict:
+    """One prefill's features: each block's tensors concatenated in order."""
+    if not feats:
+        return {}
+    dim1 = family in IDEFICS_FAMILIES
+    out = {}
+    for k in feats[0]:
+        parts = [f[k] for f in feats]
+        d = 1 if dim1 and k in ("pixel_values", "pixel_attention_mask") else 0
+        out[k] = parts[0] if len(parts) == 1 else torch.cat(_pad_dims(parts, d), dim=d)
+    return out
+
+
+def _pad_dims(parts, dim):
+    """Idefics-style pixel tensors may differ in trailing sizes; zero-pad them (ignored by the mask)."""
+    shape = [max(p.shape[i] for p in parts) for i in range(parts[0].dim())]
+    out = []
+    for p in parts:
+        pad = []
+        for i in reversed(range(p.dim())):
+            pad += [0, 0 if i == dim else shape[i] - p.shape[i]]
+        out.append(torch.nn.functional.pad(p, pad) if any(pad) else p)
+    return out
+
+
+def _to(v, device, dtype):
+    return v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
+
+
+def _marker(processor, kind: str) -> str:
+    """The text a chat template writes for one image/audio part; the processor expands it."""
+    tok = getattr(processor, f"{kind}_token", None)
+    if tok is None:
+        raise EngineError(f"the processor has no {kind} token")
+    if kind == "image" and "<|vision_start|>" in processor.tokenizer.get_vocab():
+        return f"<|vision_start|>{tok}<|vision_end|>"
+    bos, eos = getattr(processor, f"{kind}_bos_token", None), getattr(processor, f"{kind}_eos_token", None)
+    if bos and eos:
+        return f"{bos}{tok}{eos}"
+    return tok
+
+
+def _placeholder_ids(cfg) -> set[int]:
+    ids = set()
+    for c in (cfg, cfg.get_text_config()):
+        for k in ("image_token_id", "image_token_index", "audio_token_id", "audio_token_index", "video_token_id"):
+            v = getattr(c, k, None)
+            if isinstance(v, int):
+                ids.add(v)
+    return ids
+
+
+def _first_attr(obj, *names):
+    return next((getattr(obj, n) for n in names if getattr(obj, n, None) is not None), None)
+
+
+def _has_vision(model) -> bool:
+    inner = getattr(model, "model", model)
+    return any(getattr(inner, n, None) is not None for n in ("vision_tower", "visual", "vision_model"))
