@@ -387,7 +387,7 @@ def build_ui(engine, *, max_sessions: int | None = None, max_new_tokens_cap: int
                     top_p = gr.Slider(0.05, 1, value=0.95, step=0.01, label="Top-p")
                     top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0 = off)")
                     rep = gr.Slider(0.5, 2, value=1.0, step=0.01, label="Repetition penalty")
-                    seed = gr.Number(None, label="Seed (blank = random)", precision=0)
+                    seed = gr.Number(-1, label="Seed (-1 = random)", precision=0)
                     max_new = gr.Slider(1, max_new_tokens_cap, value=min(default_max_new_tokens, max_new_tokens_cap),
                                         step=1, label=f"Max new tokens (≤ {max_new_tokens_cap})")
                     stops = gr.Textbox("", label="Stop strings (one per line, \\n allowed)", lines=2)
@@ -428,6 +428,7 @@ def build_ui(engine, *, max_sessions: int | None = None, max_new_tokens_cap: int
         api_rewind_btn.click(on_api_rewind, [api_turn, api_offset, *ctx_in], api_name="rewind", **quick_kw)
         chatbot.undo(on_undo, ctx_in, api_name="undo", **quick_kw)
         reset_btn.click(on_reset, ctx_in, api_name="reset", **quick_kw)
+        chatbot.clear(on_reset, ctx_in, api_visibility="undocumented", **quick_kw)
         raw.input(on_raw_change, [raw, system_prompt], api_name="set_raw", **quick_kw)
         export_btn.click(on_export, None, export_file, api_name="export", concurrency_limit=None)
         import_btn.upload(on_import, [import_btn, *ctx_in], outs + [system_prompt, raw], api_name="import",

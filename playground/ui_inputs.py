@@ -61,13 +61,6 @@ def parse_box(value, modalities, model_name: str, max_file_mb: float = DEFAULT_M
     parts: list[MultimodalInput] = []
     for path in files:
         name = os.path.basename(path)
-        kind = file_kind(path)
-        if kind is None:
-            raise BadInput(
-                f"{name} is not a supported file type. Attach images "
-                f"({', '.join(sorted(e[1:] for e in IMAGE_EXTS))}) or audio "
-                f"({', '.join(sorted(e[1:] for e in AUDIO_EXTS))}). Your text is kept."
-            )
         try:
             size = os.path.getsize(path)
         except OSError:
@@ -76,6 +69,13 @@ def parse_box(value, modalities, model_name: str, max_file_mb: float = DEFAULT_M
             raise BadInput(
                 f"{name} is {size / 1048576:.1f} MB, over the {max_file_mb:g} MB upload limit. "
                 "Attach a smaller file; your text is kept."
+            )
+        kind = file_kind(path)
+        if kind is None:
+            raise BadInput(
+                f"{name} is not a supported file type. Attach images "
+                f"({', '.join(sorted(e[1:] for e in IMAGE_EXTS))}) or audio "
+                f"({', '.join(sorted(e[1:] for e in AUDIO_EXTS))}). Your text is kept."
             )
         if kind not in modalities:
             what = "images" if kind == "image" else "audio (recordings or files)"

@@ -1,0 +1,339 @@
+"""The playground through gradio_client, against a launched app on the real default model.
+
+Assertions are on what the server did (the tab's Conversation) and on the
+widgets' values, not on exact token counts, so they hold on a loaded CPU.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import soundfile
+from gradio_client import Client, handle_file
+
+from tests.ui_harness import GREEDY, gauge, reply_text, running_app, stats_text, wait_until
+
+UNCHANGED = {"__type__": "update"}  # what a client sees for a widget the handler left alone
+EMPTY_STORE = {"messages": []}
+
+
+@pytest.fixture(scope="module")
+def app(smol):
+    # The handler's upload limit (1 MB) sits under the server's (5 MB), so an
+    # oversized file reaches the handler and gets the playground's own message.
+    with running_app(smol, max_sessions=2, max_new_tokens_cap=64, max_file_mb=1,
+                     launch_kwargs={"max_file_size": "5mb"}) as (url, demo):
+        yield url, demo
+
+
+@pytest.fixture(autouse=True)
+def fresh_tabs(app):
+    """Each test starts with every tab freed (clients from earlier tests hold none)."""
+    for key in app[1].sessions.keys():
+        app[1].sessions.close(key)
+    yield
+
+
+def client(app) -> Client:
+    return Client(app[0], verbose=False)
+
+
+def tab_of(app, c: Client):
+    return app[1].sessions.get(c.session_hash)
+
+
+def call(c: Client, api: str, *args, max_new=16, store=None, **kw):
+    """Run an endpoint to the end; returns its last output tuple."""
+    params = {**GREEDY, "max_new": max_new, "stored": store if store is not None else EMPTY_STORE, **kw}
+    if api in ("/reset", "/undo", "/rewind"):
+        params = {k: params[k] for k in ("system_prompt", "raw", "stored")} | kw
+    return c.predict(*args, api_name=api, **params)
+
+
+def send(c, text, files=(), **kw):
+    return call(c, "/send", {"text": text, "files": [handle_file(f) for f in files]}, **kw)
+
+
+# --------------------------------------------------------------------------- streaming and stop
+
+
+def test_streaming_grows_and_panel_matches_server(app):
+    c = client(app)
+    job = c.submit({"text": "Name three fruits.", "files": []}, api_name="/send", **GREEDY, max_new=24,
+                   stored=EMPTY_STORE)
+    lengths = [len(reply_text(out[0])) for out in job]
+    final = job.outputs()[-1]
+    grown = [n for n in lengths if n > 0]
+    assert len(set(grown)) >= 3, f"the reply did not stream (lengths {lengths})"
+    assert grown == sorted(grown), f"streamed text shrank: {lengths}"
+    tab = tab_of(app, c)
+    conv = tab.conv
+    assert [t.role for t in conv.turns] == ["user", "assistant"]
+    assert reply_text(final[0]) == conv.turns[-1].text
+    pos, cap = gauge(final[3])
+    assert (pos, cap) == (conv.position, conv.max_context) and pos > 0
+    stats = stats_text(final[3])
+    assert f"reused {conv.last_stats.reused} · prefilled {conv.last_stats.prefilled}" in stats
+    assert "TTFT" in stats and f"finish: {conv.last_stats.finish_reason}" in stats
+    # The token view shows one chip per generated token.
+    assert final[4].count("data-tok=") == len(conv.turns[-1].token_ids)
+    # The transcript for page reloads (BrowserState) is the conversation's export.
+    assert final[-1]["messages"] == conv.to_messages()
+    # The box is cleared once the message is accepted.
+    assert any(out[1] == {"text": "", "files": []} for out in job.outputs())
+
+
+def test_cancel_stops_server_generation_quickly(app):
+    c = client(app)
+    job = c.submit({"text": "Write a long story about a dragon and a knight.", "files": []}, api_name="/send",
+                   **GREEDY, max_new=64, stored=EMPTY_STORE)
+    wait_until(lambda: tab_of(app, c) is not None and len(tab_of(app, c).conv.turns) == 2
+               and len(tab_of(app, c).conv.turns[-1].token_ids) >= 3, timeout=60)
+    tab = tab_of(app, c)
+    assert tab.streaming
+    t0 = time.perf_counter()
+    job.cancel()
+    waited = wait_until(lambda: not tab.streaming, timeout=10, every=0.005)
+    latency = time.perf_counter() - t0
+    print(f"cancel -> server generation ended in {latency * 1000:.0f} ms")
+    assert latency < 0.5, f"server kept generating for {latency:.2f} s after cancel"
+    ids = list(tab.conv.turns[-1].token_ids)
+    pos = tab.conv.position
+    time.sleep(1.0)
+    assert tab.conv.turns[-1].token_ids == ids and tab.conv.position == pos, "generation went on after cancel"
+    assert 3 <= len(ids) < 64
+    assert tab.conv.last_stats.finish_reason == "stopped"
+    assert tab.conv.turns[-1].span[1] == pos  # the partial reply is exactly what is resident
+    assert waited < 0.5
+
+
+def test_stop_button_stops_only_its_own_tab(app):
+    a, b = client(app), client(app)
+    ja = a.submit({"text": "Count from one to fifty in words.", "files": []}, api_name="/send", **GREEDY,
+                  max_new=64, stored=EMPTY_STORE)
+    jb = b.submit({"text": "Write a poem about rain.", "files": []}, api_name="/send", **GREEDY,
+                  max_new=64, stored=EMPTY_STORE)
+    wait_until(lambda: all(tab_of(app, x) is not None and len(tab_of(app, x).conv.turns) == 2
+                           and tab_of(app, x).conv.turns[-1].token_ids for x in (a, b)), timeout=60)
+    a.predict(api_name="/stop")
+    wait_until(lambda: not tab_of(app, a).streaming, timeout=5)
+    assert tab_of(app, b).streaming, "Stop in one tab ended another tab's reply"
+    n = len(tab_of(app, b).conv.turns[-1].token_ids)
+    wait_until(lambda: len(tab_of(app, b).conv.turns[-1].token_ids) > n, timeout=20)  # b keeps going
+    assert tab_of(app, a).conv.last_stats.finish_reason == "stopped"
+    jb.cancel()
+    ja.cancel()
+
+
+# --------------------------------------------------------------------------- actions
+
+
+def test_regenerate_reuses_the_prefix(app):
+    c = client(app)
+    first = send(c, "What is 2 + 2?")
+    conv = tab_of(app, c).conv
+    ids = list(conv.turns[-1].token_ids)
+    start = conv.turns[-1].span[1] - len(ids)  # where the reply's own ids begin (after the header)
+    again = call(c, "/regenerate")
+    assert conv.last_stats.reused == start and conv.last_stats.prefilled == 0
+    assert conv.turns[-1].token_ids == ids, "a greedy regenerate must reproduce the reply"
+    assert reply_text(again[0]) == reply_text(first[0])
+    one = reply_text(call(c, "/regenerate", max_new=24, temperature=1.0, top_p=1.0, seed=1)[0])
+    assert conv.turns[-1].sampling["seed"] == 1
+    two = reply_text(call(c, "/regenerate", max_new=24, temperature=1.0, top_p=1.0, seed=2)[0])
+    assert one != two, "different seeds at temperature 1 gave the same reply"
+    assert len(conv.turns) == 2
+
+
+def test_edit_replaces_turn_and_prefills_from_it(app):
+    c = client(app)
+    send(c, "My name is Ada.")
+    send(c, "What is my name?")
+    conv = tab_of(app, c).conv
+    edited_start = conv.turns[2].span[0]
+    out = call(c, "/edit", 2, "Say hello to me.")
+    assert [t.role for t in conv.turns] == ["user", "assistant", "user", "assistant"]
+    assert conv.turns[2].text == "Say hello to me."
+    assert conv.last_stats.reused >= edited_start and conv.last_stats.reused < conv.turns[2].span[1]
+    assert reply_text(out[0]) == conv.turns[3].text
+    assert out[0][2]["content"][0]["text"] == "Say hello to me."
+
+
+def test_rewind_then_continue_and_step(app):
+    c = client(app)
+    send(c, "Describe the sea in two sentences.", max_new=20)
+    conv = tab_of(app, c).conv
+    reply = conv.turns[-1]
+    ids = list(reply.token_ids)
+    start = reply.span[1] - len(ids)  # where the reply's own ids begin (after the header)
+    assert len(ids) >= 6
+    out = call(c, "/rewind", 1, 3)
+    assert conv.turns[-1].token_ids == ids[:3]
+    assert gauge(out[3])[0] == start + 3 == conv.position  # the gauge shows the rewind
+    assert "Rewound" in out[2]
+    out = call(c, "/continue", max_new=20)
+    assert conv.last_stats.reused == start + 3 and conv.last_stats.prefilled == 0  # nothing re-read
+    assert conv.turns[-1].token_ids[:3] == ids[:3] and len(conv.turns[-1].token_ids) > 3
+    call(c, "/rewind", 1, 4)
+    out = call(c, "/step")
+    assert len(conv.turns[-1].token_ids) == 5, "Step must decode exactly one token"
+    assert gauge(out[3])[0] == start + 5
+
+
+def test_undo_and_reset(app):
+    c = client(app)
+    send(c, "Hello!")
+    send(c, "Tell me a joke.")
+    conv = tab_of(app, c).conv
+    out = call(c, "/undo")
+    assert len(conv.turns) == 2 and out[1]["text"] == "Tell me a joke."  # the message is back in the box
+    out = call(c, "/reset")
+    assert out[0] == [] and conv.turns == [] and gauge(out[3])[0] == 0
+    assert out[-1]["messages"] == []
+
+
+def test_reload_restores_transcript_and_rebuilds_kv(app):
+    c = client(app)
+    out = send(c, "Remember the number 42.")
+    store = out[-1]
+    old = tab_of(app, c).conv
+    reply_ids = list(old.turns[-1].token_ids)
+    d = client(app)  # a reloaded page is a new session with the stored transcript
+    out = call(d, "/regenerate", store=store)
+    conv = tab_of(app, d).conv
+    assert conv is not old and conv.turns[0].text == "Remember the number 42."
+    assert conv.last_stats.reused == 0 and conv.last_stats.prefilled > 0  # KV rebuilt on the next action
+    assert conv.turns[-1].token_ids == reply_ids
+
+
+def test_export_import_roundtrip(app, tmp_path):
+    c = client(app)
+    send(c, "Say yes.")
+    path = c.predict(api_name="/export")
+    d = client(app)
+    out = d.predict(handle_file(path), "", False, EMPTY_STORE, api_name="/import")
+    conv_c, conv_d = tab_of(app, c).conv, tab_of(app, d).conv
+    assert [t.text for t in conv_d.turns] == [t.text for t in conv_c.turns]
+    assert conv_d.turns[-1].token_ids == conv_c.turns[-1].token_ids
+    assert "imported" in out[2]
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    out = d.predict(handle_file(str(bad)), "", False, EMPTY_STORE, api_name="/import")
+    assert "not valid JSON" in out[2] and len(conv_d.turns) == 2
+
+
+# --------------------------------------------------------------------------- many users
+
+
+def test_two_clients_are_isolated_and_never_block_each_other(app):
+    a, b = client(app), client(app)
+    results = {}
+
+    def run(name, c, text):
+        results[name] = send(c, text, max_new=24)
+
+    threads = [threading.Thread(target=run, args=("a", a, "Say something about apples.")),
+               threading.Thread(target=run, args=("b", b, "Say something about boats."))]
+    for t in threads:
+        t.start()
+    # While both generate, a quick action in a third tab answers promptly.
+    e = client(app)
+    wait_until(lambda: any(tab_of(app, x) is not None and tab_of(app, x).streaming for x in (a, b)), timeout=60)
+    t0 = time.perf_counter()
+    e.predict(api_name="/stop")
+    assert time.perf_counter() - t0 < 3.0, "another user's generation froze this tab"
+    for t in threads:
+        t.join(120)
+    assert results["a"][0][0]["content"][0]["text"] == "Say something about apples."
+    assert results["b"][0][0]["content"][0]["text"] == "Say something about boats."
+    assert len(results["a"][0]) == len(results["b"][0]) == 2
+    ta, tb = tab_of(app, a), tab_of(app, b)
+    assert ta.conv is not tb.conv and ta.conv.session is not tb.conv.session
+    assert ta.conv.turns[0].text != tb.conv.turns[0].text
+
+
+def test_max_sessions_gives_a_busy_message(app):
+    a, b, c = client(app), client(app), client(app)
+    send(a, "Hi.", max_new=2)
+    send(b, "Hi.", max_new=2)
+    out = send(c, "Hello?", max_new=2)
+    assert "busy" in out[2] and "try again" in out[2]
+    assert out[1] == UNCHANGED and tab_of(app, c) is None
+    app[1].sessions.close(a.session_hash)  # a tab goes away (demo.unload) ...
+    out = send(c, "Hello?", max_new=2)  # ... and its slot is free again
+    assert tab_of(app, c) is not None and "busy" not in out[2]
+
+
+def test_idle_tabs_are_swept(app):
+    c = client(app)
+    send(c, "Hi.", max_new=2)
+    sessions = app[1].sessions
+    assert sessions.sweep() == []
+    assert sessions.sweep(now=time.monotonic() + sessions.idle_timeout_s + 1) == [c.session_hash]
+    assert tab_of(app, c) is None
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _assert_rejected(app, c, out, *words):
+    for w in words:
+        assert w in out[2], out[2]
+    assert "Traceback" not in out[2]
+    assert out[1] == UNCHANGED, "the typed text must stay in the box"
+    tab = tab_of(app, c)
+    assert tab is None or tab.conv.turns == []
+
+
+def test_empty_message(app):
+    c = client(app)
+    _assert_rejected(app, c, send(c, "   "), "empty")
+
+
+def test_unsupported_file_type(app, tmp_path):
+    c = client(app)
+    f = tmp_path / "notes.txt"
+    f.write_text("hello")
+    _assert_rejected(app, c, send(c, "Read this", [str(f)]), "notes.txt", "not a supported file type")
+
+
+def test_file_over_upload_limit(app, tmp_path):
+    c = client(app)
+    f = tmp_path / "big.wav"
+    soundfile.write(str(f), np.zeros(44100 * 15, dtype=np.float32), 44100)  # 16-bit: ~1.3 MB > 1 MB
+    _assert_rejected(app, c, send(c, "Listen", [str(f)]), "big.wav", "upload limit")
+
+
+def test_microphone_recording_to_text_only_model(app, tmp_path):
+    c = client(app)
+    f = tmp_path / "audio.wav"  # what the microphone sends: a 44.1 kHz mono wav
+    soundfile.write(str(f), (0.1 * np.sin(np.arange(22050) / 10)).astype(np.float32), 44100)
+    _assert_rejected(app, c, send(c, "What did I say?", [str(f)]), "cannot take audio", "text only")
+
+
+def test_image_to_text_only_model(app, tmp_path):
+    from PIL import Image
+
+    c = client(app)
+    f = tmp_path / "red.png"
+    Image.new("RGB", (32, 32), (200, 0, 0)).save(f)
+    _assert_rejected(app, c, send(c, "What is this?", [str(f)]), "cannot take images")
+
+
+def test_bad_actions_give_messages(app):
+    c = client(app)
+    out = call(c, "/continue")
+    assert "no reply to continue" in out[2]
+    out = call(c, "/rewind", 5, 0)
+    assert "turn index" in out[2]
+    out = call(c, "/send", {"text": "hi", "files": []}, max_new=16, seed=-1, stops="\n\n")
+    assert conv_ok(app, c)
+
+
+def conv_ok(app, c) -> bool:
+    """A random seed (-1) and a stop string are accepted and recorded."""
+    turn = tab_of(app, c).conv.turns[-1]
+    return turn.role == "assistant" and isinstance(turn.sampling["seed"], int) and turn.sampling["seed"] >= 0
