@@ -181,6 +181,7 @@ class HFMultimodalEngine(HFTextEngine):
 
     def _media(self, inp: MultimodalInput, index: int) -> tuple[list[int], dict]:
         """(placeholder ids, features) of one media input, memoized by content."""
+        _check_media_value(inp, index)
         key = inp.key()
         with self._memo_lock:
             if key in self._memo:
@@ -212,17 +213,18 @@ class HFMultimodalEngine(HFTextEngine):
     def _image_cap(self) -> dict:
         """The largest size the image processor keeps; bigger images are downscaled first."""
         ip = self.image_processor
-        size = dict(getattr(ip, "size", None) or {})
+        size = getattr(ip, "size", None) or {}
+        get = lambda k: size.get(k) if hasattr(size, "get") else None  # noqa: E731
+        if hasattr(ip, "temporal_patch_size"):  # Qwen2-VL family: size bounds are pixel counts
+            px = get("longest_edge") or getattr(ip, "max_pixels", None)
+            return {"pixels": px} if px else {}
         cap = {}
-        if "longest_edge" in size:
-            cap["long"] = size["longest_edge"]
-        if "shortest_edge" in size:
-            cap["short"] = size["shortest_edge"]
-        if "height" in size and "width" in size:
-            cap["short"] = max(size["height"], size["width"])
-        max_pixels = getattr(ip, "max_pixels", None) or size.get("max_pixels")
-        if max_pixels:
-            cap["pixels"] = max_pixels
+        if get("longest_edge"):
+            cap["long"] = get("longest_edge")
+        if get("shortest_edge"):
+            cap["short"] = get("shortest_edge")
+        if get("height") and get("width"):
+            cap["short"] = max(get("height"), get("width"))
         return cap
 
     # -- the model (called with self.lock held)
@@ -376,6 +378,15 @@ def load_image(value, index: int, cap: dict):
     if img.size != target:
         img = img.resize(_target_size(*img.size, cap), Image.Resampling.BICUBIC)
     return img
+
+
+def _check_media_value(inp: MultimodalInput, index: int) -> None:
+    """Types first: a content hash of an unknown type cannot be taken."""
+    v = inp.value
+    if inp.kind == "image" and not (_is_pil(v) or isinstance(v, (str, os.PathLike, bytes))):
+        raise InvalidArgument(f"input {index}: an image must be a PIL image, a path or bytes, got {type(v).__name__}")
+    if inp.kind == "audio" and not isinstance(v, (np.ndarray, str, os.PathLike, bytes)):
+        raise InvalidArgument(f"input {index}: audio must be a numpy waveform or a path, got {type(v).__name__}")
 
 
 def _target_size(w: int, h: int, cap: dict) -> tuple[int, int]:

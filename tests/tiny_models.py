@@ -20,7 +20,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from transformers.utils import logging as hf_logging
+
 from engines import MultimodalInput as MI, load_engine
+
+hf_logging.disable_progress_bar()  # weight loading/saving bars would flood test output
 
 CORPUS = [
     "What is the capital of France? Paris is the capital of France.",
