@@ -35,9 +35,9 @@ def message_parts(message: dict, index: int) -> list[dict]:
     for j, part in enumerate(content):
         if isinstance(part, str):
             part = {"type": "text", "text": part}
-        if not isinstance(part, dict) or part.get("type") not in ("text", "image", "audio"):
+        if not isinstance(part, dict) or part.get("type") not in ("text", "tokens", "image", "audio"):
             raise InvalidArgument(
-                f"message {index} part {j} must be a dict with type text, image or audio"
+                f"message {index} part {j} must be a dict with type text, tokens, image or audio"
             )
         parts.append(part)
     return parts
@@ -83,7 +83,8 @@ def render_messages(
         parts = message_parts(m, i)
         ids = m.get("token_ids")
         if ids is not None and m["role"] == "assistant":
-            plain.append({"role": "assistant", "content": sentinel(MultimodalInput.tokens(ids))})
+            content = sentinel(MultimodalInput.tokens(ids)) if len(ids) else ""
+            plain.append({"role": "assistant", "content": content})
             continue
         texts = []
         for part in parts:
@@ -91,6 +92,9 @@ def render_messages(
                 if not isinstance(part.get("text"), str):
                     raise InvalidArgument(f"message {i} has a text part without a str 'text'")
                 texts.append(part["text"])
+                continue
+            if part["type"] == "tokens":
+                texts.append(sentinel(part["input"]))
                 continue
             if part["type"] not in modalities:
                 raise NotSupported(

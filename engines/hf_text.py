@@ -359,6 +359,13 @@ class HFTextSession(Session):
             self._logits = self._last_logits = None
             self._engine._release()
 
+    def __del__(self):
+        # A session dropped without close() (a notebook re-running a cell) gives its slot back.
+        try:
+            self.close()
+        except Exception:
+            pass
+
     def top_logprobs(self, k: int = 5) -> list[tuple[int, str, float]]:
         if self._last_logits is None:
             return []

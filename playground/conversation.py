@@ -1,0 +1,500 @@
+"""A conversation on one Session: turns <-> KV spans, exact ids, reuse by prefix.
+
+Knows nothing of torch, tokenizers or Gradio: it plans with the engine's
+`render` and `tokenize`, and moves the session with `seek`, `prefill` and
+`decode_one`. Every action does the same three things:
+
+1. render the conversation it wants (the template, exact reply ids spliced in);
+2. keep the longest exact prefix already resident (ids, media by content);
+3. seek there and prefill the rest; then stream replies token by token.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Iterator, Sequence
+
+from engines import (
+    ContextFull,
+    EngineError,
+    InvalidArgument,
+    MultimodalInput,
+    NotSupported,
+    SamplingConfig,
+)
+
+from .prefix import plan_prefix
+from .stopstrings import StopMatcher
+from . import transcript
+
+FINISH_REASONS = ("eos", "length", "stopped", "stop_string", "context_full")
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """One generated token with its probability and the top alternatives."""
+
+    id: int
+    text: str
+    logprob: float | None
+    top: tuple = ()  # ((id, text, logprob), ...)
+
+
+@dataclass
+class Turn:
+    role: str  # "system" | "user" | "assistant"
+    parts: list[MultimodalInput]
+    span: tuple[int, int] | None = None  # KV [start, end) once resident
+    token_ids: list[int] | None = None  # assistant: the exact generated ids
+    sampling: dict | None = None  # assistant: the settings, with the seed used
+    token_info: list[TokenInfo] = field(default_factory=list)
+    media_spans: list[tuple[str, int, int]] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        """The turn's visible text (media left out; a matched stop string cut off)."""
+        return "".join(p.value for p in self.parts if p.kind == "text")
+
+
+@dataclass(frozen=True)
+class Stats:
+    """What the last action did. `finish_reason` is None while it streams."""
+
+    reused: int
+    prefilled: int
+    fallback: bool
+    ttft_s: float | None = None
+    decode_tok_s: float | None = None
+    finish_reason: str | None = None
+    new_tokens: int = 0
+
+
+class Conversation:
+    """Turns on top of one engine session, with exact-prefix KV reuse.
+
+    Args:
+        engine: any `engines.Engine`.
+        system_prompt: becomes a system turn; None means no system turn.
+        chat_template: a Jinja template string overriding the model's own.
+        raw: skip the template; user text is prefilled as is (completion mode).
+        top_alternatives: how many alternatives to record per generated token (0: none).
+    """
+
+    def __init__(self, engine, system_prompt: str | None = None, chat_template: str | None = None,
+                 raw: bool = False, top_alternatives: int = 5):
+        if system_prompt is not None and not isinstance(system_prompt, str):
+            raise InvalidArgument(f"system_prompt must be a str or None, got {type(system_prompt).__name__}")
+        if chat_template is not None and not isinstance(chat_template, str):
+            raise InvalidArgument("chat_template must be a Jinja template string or None")
+        self.engine = engine
+        self.chat_template = chat_template
+        self.raw = bool(raw)
+        self.top_alternatives = top_alternatives
+        self.turns: list[Turn] = []
+        if system_prompt:
+            self.turns.append(Turn("system", [MultimodalInput.text(system_prompt)]))
+        self.last_stats: Stats | None = None
+        self.import_notes: list[str] = []
+        self._session = None
+        self._keys: list = []  # key of each resident position (see prefix.py)
+        self._media_ids: dict = {}  # media key -> expanded ids, so media are processed once
+        self._busy = threading.Lock()
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def session(self):
+        """The engine session, created on first use."""
+        if self._session is None:
+            self._session = self.engine.create_session()
+        return self._session
+
+    @property
+    def position(self) -> int:
+        return 0 if self._session is None else self._session.position
+
+    @property
+    def max_context(self) -> int:
+        return self.engine.capacity.max_context_len
+
+    def close(self) -> None:
+        """Free the session (the transcript stays; the next action makes a new one)."""
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+            self._keys = []
+
+    # ------------------------------------------------------------------ actions
+
+    def send(self, parts, sampling: SamplingConfig = SamplingConfig(), max_new_tokens: int = 64,
+             stop_strings: Sequence[str] = ()) -> Iterator[str]:
+        """Add a user turn and stream the reply. Raises before returning the generator."""
+        parts = self._check_parts(parts)
+        turns = self.turns + [Turn("user", parts)]
+        return self._start(turns, None, sampling, max_new_tokens, stop_strings)
+
+    def regenerate(self, sampling: SamplingConfig = SamplingConfig(), max_new_tokens: int = 64,
+                   stop_strings: Sequence[str] = ()) -> Iterator[str]:
+        """Replace the last reply with a new one; everything before it is reused."""
+        turns = list(self.turns)
+        if turns and turns[-1].role == "assistant":
+            turns.pop()
+        if not turns or turns[-1].role != "user":
+            raise InvalidArgument("nothing to regenerate: the conversation has no user turn to answer")
+        return self._start(turns, None, sampling, max_new_tokens, stop_strings)
+
+    def edit(self, i: int, parts, sampling: SamplingConfig = SamplingConfig(), max_new_tokens: int = 64,
+             stop_strings: Sequence[str] = ()) -> Iterator[str]:
+        """Replace turn `i`, drop the turns after it, and reply again.
+
+        Editing a user turn answers it anew; editing an assistant turn makes
+        the new text its reply so far, and the model continues from there."""
+        self._check_index(i)
+        parts = self._check_parts(parts)
+        old = self.turns[i]
+        if old.role == "system":
+            raise InvalidArgument("turn 0 is the system prompt; edit a user or assistant turn")
+        if old.role == "user":
+            return self._start(self.turns[:i] + [Turn("user", parts)], None, sampling, max_new_tokens, stop_strings)
+        if any(p.kind not in ("text", "tokens") for p in parts):
+            raise InvalidArgument("an assistant turn can only be edited to text or tokens")
+        ids = self._tokenize(parts)
+        reply = Turn("assistant", [MultimodalInput.text(self.engine.decode(ids))], token_ids=ids)
+        return self._start(self.turns[:i], reply, sampling, max_new_tokens, stop_strings)
+
+    def continue_reply(self, sampling: SamplingConfig = SamplingConfig(), max_new_tokens: int = 64,
+                       stop_strings: Sequence[str] = ()) -> Iterator[str]:
+        """Resume the last reply exactly where it ended (no synthetic message)."""
+        if not self.turns or self.turns[-1].role != "assistant":
+            raise InvalidArgument("no reply to continue: the last turn is not an assistant reply")
+        return self._start(self.turns[:-1], self.turns[-1], sampling, max_new_tokens, stop_strings)
+
+    def step(self, sampling: SamplingConfig = SamplingConfig()) -> str:
+        """Decode exactly one more token of the current reply (starting one if needed)."""
+        if self.turns and self.turns[-1].role == "assistant":
+            gen = self.continue_reply(sampling, 1)
+        elif self.turns and self.turns[-1].role == "user":
+            gen = self._start(list(self.turns), None, sampling, 1, ())
+        else:
+            raise InvalidArgument("nothing to step: send a message first")
+        return "".join(gen)
+
+    def rewind(self, i: int, token_offset: int) -> None:
+        """Cut assistant turn `i` after `token_offset` generated ids and drop later turns.
+
+        Immediate: the session seeks to the cut now when it can (otherwise the
+        next action rebuilds). `continue_reply` then resamples from the cut."""
+        self._check_index(i)
+        turn = self.turns[i]
+        if turn.role != "assistant":
+            raise InvalidArgument(f"turn {i} is a {turn.role} turn; rewind takes an assistant turn")
+        n = len(turn.token_ids)
+        if isinstance(token_offset, bool) or not isinstance(token_offset, int) or not 0 <= token_offset <= n:
+            raise InvalidArgument(f"token_offset {token_offset!r} is outside 0..{n} for turn {i}")
+        self._not_busy()
+        ids = turn.token_ids[:token_offset]
+        cut = replace(turn, parts=[MultimodalInput.text(self.engine.decode(ids))], token_ids=ids,
+                      token_info=turn.token_info[:token_offset])
+        self.turns = self.turns[:i] + [cut]
+        if self._session is not None:
+            inputs = self._target(self.turns[:i], cut)
+            keys, _ = self._keys_of(inputs)
+            self._sync_keys()
+            plan = plan_prefix(self._keys, keys, self._session.can_seek)
+            if not plan.fallback and plan.prefill == 0:
+                self._session.seek(plan.keep)
+                del self._keys[plan.keep:]
+                self.last_stats = Stats(plan.keep, 0, False)
+        self._update_spans()
+
+    def drop_from(self, i: int) -> None:
+        """Remove turns[i:] (Undo). The KV follows on the next action."""
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i <= len(self.turns):
+            raise InvalidArgument(f"turn index {i!r} is outside 0..{len(self.turns)}")
+        self._not_busy()
+        self.turns = self.turns[:i]
+
+    def stop(self) -> None:
+        """Ask a running stream (in another thread) to end at the next token."""
+        if self._session is not None:
+            self._session.stop()
+
+    def reset(self) -> None:
+        """Drop every turn but the system prompt and empty the session."""
+        self._not_busy()
+        self.turns = [t for t in self.turns if t.role == "system"]
+        if self._session is not None:
+            self._session.reset()
+        self._keys = []
+        self.last_stats = None
+        self._update_spans()
+
+    # ------------------------------------------------------------------ export / import
+
+    def to_messages(self) -> list[dict]:
+        """JSON-ready messages: text, media (base64), exact reply ids, sampling, model identity."""
+        model = {"name": self.engine.name, "tokenizer": self.engine.fingerprint}
+        return [transcript.turn_to_message(t, model) for t in self.turns]
+
+    @classmethod
+    def from_messages(cls, engine, messages: list[dict], chat_template: str | None = None,
+                      raw: bool = False, prefill: bool = True) -> "Conversation":
+        """Rebuild a conversation. Reply ids are trusted only from the same tokenizer;
+        otherwise the text is re-tokenised and `import_notes` says so. With
+        `prefill`, the KV is rebuilt now, exactly as the exporting session held it."""
+        conv = cls(engine, chat_template=chat_template, raw=raw)
+        conv.turns, conv.import_notes = transcript.messages_to_turns(engine, messages, conv._tokenize)
+        if prefill and conv.turns:
+            last = conv.turns[-1]
+            if last.role == "assistant":
+                conv._move(*conv._keys_of(conv._target(conv.turns[:-1], last)))
+            else:
+                conv._move(*conv._keys_of(conv._target(conv.turns, None)))
+            conv._update_spans()
+        return conv
+
+    # ------------------------------------------------------------------ the mechanism
+
+    def _start(self, before: list[Turn], reply: Turn | None, sampling, max_new_tokens, stop_strings):
+        """Validate everything, then return the stream generator (nothing changed yet)."""
+        if not isinstance(sampling, SamplingConfig):
+            raise InvalidArgument(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InvalidArgument(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        if isinstance(stop_strings, str) or any(not isinstance(s, str) or not s for s in stop_strings):
+            raise InvalidArgument("stop_strings must be a list of non-empty strings")
+        self._not_busy()
+        target = self._keys_of(self._target(before, reply))
+        if len(target[0]) >= self.max_context:
+            raise ContextFull(
+                f"the conversation needs {len(target[0])} tokens plus room for a reply, but the context is "
+                f"{self.max_context}: rewind, edit or drop earlier turns, or reset"
+            )
+        if reply is None:
+            reply = Turn("assistant", [MultimodalInput.text("")], token_ids=[])
+        return self._stream(before, reply, target, sampling, max_new_tokens, tuple(stop_strings))
+
+    def _stream(self, before, reply, target, sampling, max_new_tokens, stop_strings):
+        if not self._busy.acquire(blocking=False):
+            raise EngineError("another action is running on this conversation; stop it first")
+        session, finish = None, "stopped"
+        try:
+            seed = sampling.seed if sampling.seed is not None else random.getrandbits(31)
+            sampling = replace(sampling, seed=seed)
+            t0 = time.perf_counter()
+            self.last_stats = None
+            session = self.session
+            stats = self._move(*target)  # keep the exact prefix, prefill the rest
+            self.turns = before + [reply]
+            reply.sampling = sampling.to_dict()
+            self.last_stats = stats
+            matcher = StopMatcher(stop_strings)
+            finish, n, t_first = "length", 0, None
+            while n < max_new_tokens:  # one token per step
+                try:
+                    r = session.decode_one(sampling)
+                except ContextFull:
+                    finish = "context_full"
+                    break
+                if r.is_terminal:
+                    finish = "eos" if r.is_eos else "stopped"
+                    break
+                n += 1
+                self._keys.append(r.token_id)
+                reply.token_ids.append(r.token_id)
+                reply.token_info.append(self._token_info(session, r))
+                visible, hit = matcher.feed(r.text_piece)
+                reply.parts = [MultimodalInput.text(reply.text + visible)]
+                now = time.perf_counter()
+                t_first = t_first or now
+                self.last_stats = replace(
+                    stats, ttft_s=t_first - t0, new_tokens=n,
+                    decode_tok_s=(n - 1) / (now - t_first) if n > 1 else None,
+                )
+                if hit:
+                    finish = "stop_string"
+                    break
+                if visible:
+                    yield visible
+            tail = "" if finish == "stop_string" else matcher.flush()
+            if tail:
+                reply.parts = [MultimodalInput.text(reply.text + tail)]
+                yield tail
+        except BaseException:
+            finish = "stopped"  # closed by the consumer, or an error on its way out
+            raise
+        finally:
+            if session is not None:
+                if self.last_stats is not None:
+                    self.last_stats = replace(self.last_stats, finish_reason=finish)
+                self._clear_stop(session)
+                self._update_spans()
+            self._busy.release()
+
+    def _move(self, keys: list, pieces: list) -> Stats:
+        """Seek to the longest exact resident prefix of the target and prefill the rest."""
+        session = self.session
+        self._sync_keys()
+        plan = plan_prefix(self._keys, keys, session.can_seek)
+        if plan.fallback:
+            session.reset()
+            self._keys = []
+        else:
+            session.seek(plan.keep)
+            del self._keys[plan.keep:]
+        if plan.prefill:
+            session.prefill(_slice_inputs(pieces, plan.keep))
+            self._keys.extend(keys[plan.keep:])
+        return Stats(plan.keep, plan.prefill, plan.fallback)
+
+    def _target(self, before: list[Turn], reply: Turn | None) -> list[MultimodalInput]:
+        """What should be resident: `before` rendered (with a generation prompt when a
+        reply follows) and the reply's exact ids after it."""
+        if self.raw:
+            inputs = []
+            for t in before:
+                if t.role != "assistant":
+                    inputs += t.parts
+                elif t.token_ids:
+                    inputs.append(MultimodalInput.tokens(t.token_ids))
+        else:
+            inputs = self.engine.render(
+                [transcript.turn_to_render_message(t) for t in before],
+                add_generation_prompt=reply is not None or not before or before[-1].role != "assistant",
+                chat_template=self.chat_template,
+            )
+        if reply is not None and reply.token_ids:
+            inputs = inputs + [MultimodalInput.tokens(reply.token_ids)]
+        if not inputs:
+            raise InvalidArgument("nothing to prefill: the conversation renders to no tokens")
+        return inputs
+
+    def _keys_of(self, inputs):
+        """Per-position keys of `inputs`, and (input, its ids) pieces."""
+        keys, pieces = [], []
+        for inp in inputs:
+            if inp.kind in ("text", "tokens"):
+                ids = self._tokenize([inp])
+                keys.extend(ids)
+            else:
+                k = inp.key()
+                if k not in self._media_ids:
+                    self._media_ids[k] = self._tokenize([inp])
+                ids = self._media_ids[k]
+                keys.extend(("media", k[1], t) for t in ids)
+            pieces.append((inp, ids))
+        return keys, pieces
+
+    def _sync_keys(self) -> None:
+        """If the session was moved behind our back, trust only its plain ids."""
+        tokens = self.session.tokens
+        plain = [k if isinstance(k, int) else k[2] for k in self._keys]
+        if plain != tokens:
+            self._keys = [("unknown", t) for t in tokens]
+
+    def _tokenize(self, inputs) -> list[int]:
+        return self.engine.tokenize(inputs)
+
+    def _token_info(self, session, r) -> TokenInfo:
+        if not self.top_alternatives or not hasattr(session, "logprob"):
+            return TokenInfo(r.token_id, r.text_piece, None)
+        top = tuple(session.top_logprobs(self.top_alternatives))
+        return TokenInfo(r.token_id, self.engine.decode([r.token_id]), session.logprob(r.token_id), top)
+
+    def _clear_stop(self, session) -> None:
+        """A stream that ends never leaves a stop request behind."""
+        try:
+            session.seek(session.position)
+        except EngineError:
+            pass
+
+    def _update_spans(self) -> None:
+        """Each turn's [start, end) in the KV and its media blocks' spans."""
+        for t in self.turns:
+            t.span, t.media_spans = None, []
+        if self._session is None or not self.turns:
+            return
+        ends = []
+        for k in range(1, len(self.turns) + 1):
+            last = self.turns[k - 1]
+            if k == len(self.turns) and last.role == "assistant":
+                ends.append(len(self._keys_of(self._target(self.turns[:-1], last))[0]))
+            else:
+                ends.append(len(self._keys_of(self._prefix_render(self.turns[:k]))[0]))
+        start = 0
+        pos = self.position
+        for t, end in zip(self.turns, ends):
+            if end <= pos:
+                t.span = (start, end)
+            start = end
+        self._media_spans()
+
+    def _prefix_render(self, turns):
+        if self.raw:
+            return self._target(turns, None) if turns else []
+        return self.engine.render([transcript.turn_to_render_message(t) for t in turns],
+                                  add_generation_prompt=False, chat_template=self.chat_template)
+
+    def _media_spans(self) -> None:
+        owners = {id(p): t for t in self.turns for p in t.parts if p.kind in ("image", "audio")}
+        if not owners:
+            return
+        last = self.turns[-1]
+        inputs = self._target(self.turns[:-1], last) if last.role == "assistant" else self._prefix_render(self.turns)
+        pos = 0
+        for inp, ids in self._keys_of(inputs)[1]:
+            t = owners.get(id(inp))
+            if t is not None and pos + len(ids) <= self.position:
+                t.media_spans.append((inp.kind, pos, pos + len(ids)))
+            pos += len(ids)
+
+    # ------------------------------------------------------------------ validation
+
+    def _check_parts(self, parts) -> list[MultimodalInput]:
+        if isinstance(parts, str):
+            parts = [MultimodalInput.text(parts)]
+        if not isinstance(parts, (list, tuple)) or not parts:
+            raise InvalidArgument("a message needs at least one part (text, image or audio)")
+        for j, p in enumerate(parts):
+            if not isinstance(p, MultimodalInput):
+                raise InvalidArgument(f"part {j} is a {type(p).__name__}, not a MultimodalInput")
+            if p.kind == "text" and not p.value.strip():
+                raise InvalidArgument("the message is empty: type some text or attach a file")
+            if p.kind not in self.engine.modalities:
+                raise NotSupported(
+                    f"{self.engine.name} cannot take {p.kind} input; it takes "
+                    f"{', '.join(sorted(self.engine.modalities - {'tokens'}))}"
+                )
+        self._tokenize(list(parts))  # validates media now, before anything changes
+        return list(parts)
+
+    def _check_index(self, i) -> None:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(self.turns):
+            raise InvalidArgument(f"turn index {i!r} is outside 0..{len(self.turns) - 1}")
+
+    def _not_busy(self) -> None:
+        if self._busy.locked():
+            raise EngineError("another action is running on this conversation; stop it first")
+
+
+def _slice_inputs(pieces, start: int) -> list[MultimodalInput]:
+    """The inputs from position `start` on; text is passed as its exact ids."""
+    out, pos, run = [], 0, []
+    for inp, ids in pieces:
+        end = pos + len(ids)
+        if end > start:
+            if inp.kind in ("text", "tokens"):
+                run.extend(ids[max(0, start - pos):])
+            else:
+                assert pos >= start, "a cut inside a media block"
+                if run:
+                    out.append(MultimodalInput.tokens(run))
+                    run = []
+                out.append(inp)
+        pos = end
+    if run:
+        out.append(MultimodalInput.tokens(run))
+    return out
