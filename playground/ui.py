@@ -383,14 +383,14 @@ def build_ui(engine, *, max_sessions: int | None = None, max_new_tokens_cap: int
                                   elem_id="raw")
                 system_prompt = gr.Textbox("", label="System prompt", lines=2, elem_id="system")
                 with gr.Accordion("Sampling", open=True):
-                    temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature (0 = greedy)")
-                    top_p = gr.Slider(0.05, 1, value=0.95, step=0.01, label="Top-p")
-                    top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0 = off)")
-                    rep = gr.Slider(0.5, 2, value=1.0, step=0.01, label="Repetition penalty")
-                    seed = gr.Number(-1, label="Seed (-1 = random)", precision=0)
+                    temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature (0 = greedy)", elem_id="temperature")
+                    top_p = gr.Slider(0.05, 1, value=0.95, step=0.01, label="Top-p", elem_id="top-p")
+                    top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0 = off)", elem_id="top-k")
+                    rep = gr.Slider(0.5, 2, value=1.0, step=0.01, label="Repetition penalty", elem_id="rep")
+                    seed = gr.Number(-1, label="Seed (-1 = random)", precision=0, elem_id="seed")
                     max_new = gr.Slider(1, max_new_tokens_cap, value=min(default_max_new_tokens, max_new_tokens_cap),
-                                        step=1, label=f"Max new tokens (≤ {max_new_tokens_cap})")
-                    stops = gr.Textbox("", label="Stop strings (one per line, \\n allowed)", lines=2)
+                                        step=1, label=f"Max new tokens (≤ {max_new_tokens_cap})", elem_id="max-new")
+                    stops = gr.Textbox("", label="Stop strings (one per line, \\n allowed)", lines=2, elem_id="stops")
                 with gr.Accordion("Transcript", open=False):
                     export_btn = gr.Button("Export transcript (JSON)")
                     export_file = gr.File(label="Exported transcript", interactive=False)
