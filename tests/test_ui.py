@@ -30,10 +30,12 @@ def app(smol):
 
 
 @pytest.fixture(autouse=True)
-def fresh_tabs(app):
+def fresh_tabs(request):
     """Each test starts with every tab freed (clients from earlier tests hold none)."""
-    for key in app[1].sessions.keys():
-        app[1].sessions.close(key)
+    if "app" in request.fixturenames:
+        sessions = request.getfixturevalue("app")[1].sessions
+        for key in sessions.keys():
+            sessions.close(key)
     yield
 
 
@@ -337,3 +339,34 @@ def conv_ok(app, c) -> bool:
     """A random seed (-1) and a stop string are accepted and recorded."""
     turn = tab_of(app, c).conv.turns[-1]
     return turn.role == "assistant" and isinstance(turn.sampling["seed"], int) and turn.sampling["seed"] >= 0
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def test_app_import_loads_nothing_and_honours_gradio_env():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, app; assert 'torch' not in sys.modules and 'engines' not in sys.modules; "
+            "a = app.parse_args([]); print(a.host, a.port, a.model, a.max_sessions)")
+    env = {**os.environ, "GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": "7999"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0.0.0.0", "7999", "smollm2", "4"]
+
+
+@pytest.mark.slow
+def test_playground_notebook_executes():
+    import nbclient
+    import nbformat
+
+    from tests.conftest import ROOT
+
+    nb = nbformat.read(ROOT / "notebooks" / "03_playground.ipynb", 4)
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(ROOT)}}).execute()
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "streamed lengths" in text and "prefilled 0" in text
