@@ -188,3 +188,39 @@ def test_reload_keeps_the_transcript(app, page):
     wait_until(lambda: "Say hello." in pg.locator("#chatbot").inner_text(), timeout=30)
     shows(pg, conv)
     assert "restored" in pg.locator("#status").inner_text()
+
+
+@pytest.mark.parametrize("family,kind", [("llava", "image"), ("qwen2_audio", "audio")])
+def test_upload_reaches_a_tiny_multimodal_model(family, kind, browser, tmp_path):
+    """Issue 5's UI check: an uploaded image or audio file reaches the model, and the context panel
+    shows its KV span."""
+    import numpy as np
+    import soundfile
+    from PIL import Image
+
+    from tests.tiny_models import tiny_engine
+
+    if kind == "image":
+        f = tmp_path / "photo.png"
+        Image.new("RGB", (40, 32), (10, 200, 30)).save(f)
+    else:
+        f = tmp_path / "clip.wav"
+        soundfile.write(str(f), (0.2 * np.sin(np.arange(22050) / 7)).astype(np.float32), 44100)
+    with running_app(tiny_engine(family), default_max_new_tokens=4) as (url, demo):
+        ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+        pg = ctx.new_page()
+        pg.set_default_timeout(T)
+        pg.goto(url, wait_until="domcontentloaded")
+        pg.fill("#box textarea", "What is this?")
+        pg.locator("#box input[data-testid=file-upload]").set_input_files(str(f))
+        time.sleep(1.0)
+        pg.press("#box textarea", "Enter")
+        wait_until(lambda: demo.sessions.keys() and not demo.sessions.get(demo.sessions.keys()[0]).streaming
+                   and len(demo.sessions.get(demo.sessions.keys()[0]).conv.turns) == 2, timeout=60, every=0.05)
+        conv = demo.sessions.get(demo.sessions.keys()[0]).conv
+        assert [p.kind for p in conv.turns[0].parts] == [kind, "text"]
+        (_, start, end), = conv.turns[0].media_spans
+        wait_until(lambda: f"{kind} {start}–{end}" in pg.locator("#context").inner_text(), timeout=30)
+        wait_until(lambda: pg.locator("#chatbot [data-testid=bot]").count() >= 1, timeout=30)
+        assert "⚠️" not in pg.locator("#status").inner_text()
+        ctx.close()

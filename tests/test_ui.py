@@ -370,3 +370,36 @@ def test_playground_notebook_executes():
                             resources={"metadata": {"path": str(ROOT)}}).execute()
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "streamed lengths" in text and "prefilled 0" in text
+
+
+# --------------------------------------------------------------------------- multimodal models (tiny, offline)
+
+
+@pytest.mark.parametrize("family,kind", [("llava", "image"), ("qwen2_audio", "audio")])
+def test_media_reaches_a_multimodal_model(family, kind, tmp_path):
+    """An upload (or a microphone recording: a 44.1 kHz wav) reaches the model; the panel shows its span."""
+    from PIL import Image
+
+    from tests.tiny_models import tiny_engine
+
+    engine = tiny_engine(family)
+    if kind == "image":
+        f = tmp_path / "photo.png"
+        Image.new("RGB", (40, 32), (10, 200, 30)).save(f)
+    else:
+        f = tmp_path / "audio.wav"
+        soundfile.write(str(f), (0.2 * np.sin(np.arange(44100) / 7)).astype(np.float32), 44100)
+    with running_app(engine, max_new_tokens_cap=8) as (url, demo):
+        c = Client(url, verbose=False)
+        out = c.predict({"text": "What is this?", "files": [handle_file(str(f))]}, api_name="/send",
+                        **{**GREEDY, "max_new": 4, "stored": EMPTY_STORE})
+        assert "⚠️" not in out[2], out[2]
+        conv = demo.sessions.get(c.session_hash).conv
+        user = conv.turns[-2]
+        assert [p.kind for p in user.parts] == [kind, "text"]
+        assert conv.turns[-1].role == "assistant" and conv.last_stats.finish_reason is not None
+        (mkind, start, end), = user.media_spans
+        assert mkind == kind and user.span[0] <= start < end <= user.span[1]
+        assert f"{kind} {start}–{end}" in out[3]  # the context panel lists the media span
+        shown = [part for msg in out[0] if msg["role"] == "user" for part in msg["content"]]
+        assert any(part.get("type") == "file" for part in shown), "the chat should show the upload"
