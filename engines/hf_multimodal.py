@@ -20,6 +20,8 @@ images only (their video processor needs torchvision).
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import io
 import os
 import threading
@@ -60,7 +62,8 @@ def load_multimodal(source, name, config, device, dtype, max_context, max_sessio
     """Load a processor and an image/audio-text-to-text model from `source`."""
     try:
         processor = load_processor(source, config)
-        model = _model_class(config).from_pretrained(source, dtype=dtype).to(device)
+        with vision_tower_left_out(config):
+            model = _model_class(config).from_pretrained(source, dtype=dtype).to(device)
     except EngineError:
         raise
     except Exception as e:
@@ -87,6 +90,39 @@ def load_processor(source, config):
         return _images_only(cls)(image_processor=Qwen2VLImageProcessorPil.from_pretrained(source), tokenizer=tok,
                    chat_template=getattr(tok, "chat_template", None))
     return AutoProcessor.from_pretrained(source)
+
+
+class NoVisionTower(torch.nn.Module):
+    """Stands in for a vision tower that cannot be built here; the engine then takes no images."""
+
+
+_build_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def vision_tower_left_out(config):
+    """Gemma 3n's vision tower is a timm model, and timm needs torchvision: without
+    timm, build the model with the tower left out so its audio and text paths work."""
+    if config.model_type != "gemma3n" or importlib.util.find_spec("timm") is not None:
+        yield
+        return
+    from transformers.models.gemma3n import modeling_gemma3n as mod
+
+    real = mod.AutoModel
+
+    class AutoModelWithoutVision:
+        @staticmethod
+        def from_config(cfg, **kw):
+            if cfg.model_type == "gemma3n_vision":
+                return NoVisionTower()
+            return real.from_config(cfg, **kw)
+
+    with _build_lock:
+        mod.AutoModel = AutoModelWithoutVision
+        try:
+            yield
+        finally:
+            mod.AutoModel = real
 
 
 def _images_only(cls):
@@ -458,7 +494,8 @@ def _merge(feats: list[dict], family: str) -> dict:
 
 
 def _pad_dims(parts, dim):
-    """Idefics-style pixel tensors may differ in trailing sizes; zero-pad them (ignored by the mask)."""
+    """Blocks may differ in other sizes (Idefics tiles, Gemma 3n audio frames): zero-pad
+    them; the masks that come with them mark the padding invalid."""
     shape = [max(p.shape[i] for p in parts) for i in range(parts[0].dim())]
     out = []
     for p in parts:
@@ -474,7 +511,8 @@ def _to(v, device, dtype):
 
 
 def _marker(processor, kind: str) -> str:
-    """The text a chat template writes for one image/audio part; the processor expands it."""
+    """The text a chat template writes for one image/audio part; the processor expands it
+    (Gemma 3: `<start_of_image>`; Gemma 3n: `<audio_soft_token>`; Qwen: wrapped pads)."""
     tok = getattr(processor, f"{kind}_token", None)
     if tok is None:
         raise EngineError(f"the processor has no {kind} token")
@@ -502,4 +540,5 @@ def _first_attr(obj, *names):
 
 def _has_vision(model) -> bool:
     inner = getattr(model, "model", model)
-    return any(getattr(inner, n, None) is not None for n in ("vision_tower", "visual", "vision_model"))
+    towers = [getattr(inner, n, None) for n in ("vision_tower", "visual", "vision_model")]
+    return any(t is not None and not isinstance(t, NoVisionTower) for t in towers)

@@ -215,6 +215,54 @@ def build_qwen2_audio() -> Path:
     return _save("qwen2_audio", _init(Qwen2AudioForConditionalGeneration, cfg), proc)
 
 
+def build_gemma3n_audio() -> Path:
+    """Gemma 3n's audio and text path; its vision tower (timm) is left out."""
+    from tokenizers import AddedToken
+    from transformers import Gemma3nConfig, Gemma3nForConditionalGeneration, Gemma3nProcessor
+    from transformers.models.gemma3n.feature_extraction_gemma3n import Gemma3nAudioFeatureExtractor
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    from engines.hf_multimodal import vision_tower_left_out
+
+    marks = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>",
+             "boa_token": "<start_of_audio>", "eoa_token": "<end_of_audio>", "audio_token": "<audio_soft_token>"}
+    tok = make_tokenizer(["<start_of_image>", "<start_of_audio>"], bos="<bos>", eos="<end_of_turn>")
+    # Gemma 3n's vocabulary: text ids, then 4 vision ids, then 4 audio ids (each embedded by its own table).
+    text_vocab = 512
+    fill = lambda n: [AddedToken(f"<unused{len(tok) + i}>", special=True) for i in range(n)]  # noqa: E731
+    tok.add_tokens(fill(text_vocab - len(tok)), special_tokens=True)
+    for names in (["<end_of_image>", "<image_soft_token>"], ["<end_of_audio>", "<audio_soft_token>"]):
+        tok.add_tokens([AddedToken(n, special=True) for n in names], special_tokens=True)
+        tok.add_tokens(fill(2), special_tokens=True)
+    tok = type(tok)(tokenizer_object=tok.backend_tokenizer, bos_token="<bos>", eos_token="<end_of_turn>",
+                    pad_token="<pad>", extra_special_tokens=marks)
+    assert len(tok) == text_vocab + 8 and tok.convert_tokens_to_ids("<audio_soft_token>") == text_vocab + 5
+    tok.chat_template = _template(audio_mark="<audio_soft_token>", bos="<bos>", eot="<end_of_turn>")
+    fe = Gemma3nAudioFeatureExtractor(feature_size=32)
+    ip = SiglipImageProcessorPil(size={"height": 32, "width": 32})
+    proc = Gemma3nProcessor(feature_extractor=fe, image_processor=ip, tokenizer=tok, audio_seq_length=188,
+                            image_seq_length=4, chat_template=tok.chat_template)
+    v = tok.convert_tokens_to_ids
+    cfg = Gemma3nConfig(
+        text_config=dict(_text(text_vocab + 8), vocab_size_per_layer_input=text_vocab, hidden_size_per_layer_input=8,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=24,
+                         layer_types=["sliding_attention", "full_attention"], num_kv_shared_layers=0,
+                         laurel_rank=4, altup_num_inputs=2, activation_sparsity_pattern=[0.0, 0.0],
+                         intermediate_size=[64, 64], max_position_embeddings=1024, pad_token_id=2,
+                         eos_token_id=1, bos_token_id=0),
+        vision_config=dict(hidden_size=16, vocab_size=4, vocab_offset=text_vocab),
+        audio_config=dict(vocab_size=4, vocab_offset=text_vocab + 4, input_feat_size=32, hidden_size=16,
+                          conf_num_attention_heads=2, conf_num_hidden_layers=1, sscp_conv_channel_size=[8, 4],
+                          conf_attention_chunk_size=12, conf_attention_context_left=13),
+        audio_soft_tokens_per_image=188, vision_soft_tokens_per_image=4,
+        boi_token_id=v("<start_of_image>"), eoi_token_id=v("<end_of_image>"), image_token_id=v("<image_soft_token>"),
+        boa_token_id=v("<start_of_audio>"), eoa_token_id=v("<end_of_audio>"), audio_token_id=v("<audio_soft_token>"),
+    )
+    with vision_tower_left_out(cfg):
+        model = _init(Gemma3nForConditionalGeneration, cfg)
+    return _save("gemma3n_audio", model, proc)
+
+
 # --------------------------------------------------------------------------- media and cases
 
 
@@ -270,6 +318,7 @@ BUILDERS = {
     "idefics3": (build_idefics3, "image"),
     "gemma3": (build_gemma3, "image"),
     "qwen2_audio": (build_qwen2_audio, "audio"),
+    "gemma3n_audio": (build_gemma3n_audio, "audio"),
 }
 
 
