@@ -44,6 +44,6 @@ CASES: list[EngineCase] = [EngineCase("smollm2", default_engine, chat_prompts, a
 
 # Multimodal families append their tiny-model cases (tests/tiny_models.py).
 if importlib.util.find_spec("tests.tiny_models") is not None:
-    from tests import tiny_models
+    from tests.tiny_models import MULTIMODAL_CASES
 
-    CASES.extend(getattr(tiny_models, "MULTIMODAL_CASES", []))  # TODO strict once it lands
+    CASES.extend(MULTIMODAL_CASES)
