@@ -290,16 +290,16 @@ def build_ui(engine, *, max_sessions: int | None = None, max_new_tokens_cap: int
             tab.conv.stop()  # this tab's conversation only
 
     def on_raw_change(raw, system_prompt, request: gr.Request):
+        mode = "Raw mode: no chat template; your text is prefilled as is and continued." if raw else "Chat mode."
         tab = sessions.get(request.session_hash)
         if tab is None:
-            return view(None, streaming=None)[:-1] + ({"messages": []},)
+            return view(None, status=mode, streaming=None)[:-1] + ({"messages": []},)
         if not tab.lock.acquire(blocking=False):
             return fail(TabBusy("A reply is still streaming in this tab: press Stop first."), tab)
         try:
             sessions.replace(tab, None, system_prompt or "", bool(raw))
         finally:
             tab.lock.release()
-        mode = "Raw mode: no chat template; your text is prefilled as is and continued." if raw else "Chat mode."
         return view(tab, status=mode + " The conversation was cleared.", streaming=False, save=True)
 
     def on_load(stored, request: gr.Request):

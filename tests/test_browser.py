@@ -224,3 +224,14 @@ def test_upload_reaches_a_tiny_multimodal_model(family, kind, browser, tmp_path)
         wait_until(lambda: pg.locator("#chatbot [data-testid=bot]").count() >= 1, timeout=30)
         assert "⚠️" not in pg.locator("#status").inner_text()
         ctx.close()
+
+
+def test_closing_the_tab_frees_its_session(app, page):
+    pg = page
+    pg.fill("#box textarea", "Hi!")
+    pg.press("#box textarea", "Enter")
+    idle(app)
+    assert len(app[1].sessions) == 1
+    pg.close()  # demo.unload fires once the server notices the tab is gone
+    waited = wait_until(lambda: len(app[1].sessions) == 0, timeout=90, every=0.5)
+    print(f"session freed {waited:.1f} s after the tab closed")

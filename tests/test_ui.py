@@ -227,6 +227,41 @@ def test_export_import_roundtrip(app, tmp_path):
     assert "not valid JSON" in out[2] and len(conv_d.turns) == 2
 
 
+def test_raw_mode_prefills_text_as_is(app, smol):
+    from engines import MultimodalInput
+
+    c = client(app)
+    out = c.predict(True, "", api_name="/set_raw")
+    assert "Raw mode" in out[2]
+    send(c, "The capital of France is", raw=True, max_new=6)
+    conv = tab_of(app, c).conv
+    assert conv.raw
+    prompt_ids = smol.tokenize([MultimodalInput.text("The capital of France is")])
+    session_ids = conv.session.tokens
+    assert session_ids[: len(prompt_ids)] == prompt_ids  # no template around the text
+    assert session_ids[len(prompt_ids):] == conv.turns[-1].token_ids
+
+
+def test_system_prompt_becomes_the_first_turn(app):
+    c = client(app)
+    send(c, "Who are you?", system_prompt="You are a pirate.", max_new=4)
+    conv = tab_of(app, c).conv
+    assert conv.turns[0].role == "system" and conv.turns[0].text == "You are a pirate."
+    send(c, "And now?", system_prompt="You are a poet.", max_new=4)  # a new prompt rebuilds the conversation
+    conv = tab_of(app, c).conv
+    assert conv.turns[0].text == "You are a poet." and [t.role for t in conv.turns][1:] == ["user", "assistant"] * 2
+    assert conv.last_stats.reused < conv.turns[1].span[0] + 1  # the prompt changed, so little is reusable
+
+
+def test_reasoning_blocks_show_collapsed(app):
+    chatbot = next(b for b in app[1].blocks.values() if getattr(b, "elem_id", None) == "chatbot")
+    shown = chatbot.postprocess([{"role": "user", "content": "Why?"},
+                                 {"role": "assistant", "content": "<think>Let me see.</think>Because."}]).root
+    thought = next(m for m in shown if m.metadata and m.metadata.get("title"))
+    assert thought.metadata["title"] == "Reasoning" and thought.metadata["status"] == "done"
+    assert shown[-1].content[0].text == "Because."
+
+
 # --------------------------------------------------------------------------- many users
 
 
