@@ -34,6 +34,7 @@ import torch
 
 from . import kv
 from .base import EngineError, InvalidArgument, MultimodalInput, NotSupported, SessionPoisoned, _is_pil
+from .chat import render_messages
 from .hf_text import HFTextEngine, HFTextSession, Prepared, _check_inputs
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "MPO")  # MPO: JPEG from phone cameras
@@ -180,6 +181,15 @@ class HFMultimodalEngine(HFTextEngine):
 
     # -- planning helpers
 
+    def render(self, messages, add_generation_prompt=True, chat_template=None):
+        """As the text engine, but each message's content reaches the template as a
+        list of parts: multimodal templates (SmolVLM, LLaVA) iterate over parts."""
+        template = chat_template or self.chat_template
+        if not template:
+            raise NotSupported(f"{self.name} has no chat template; pass chat_template= or prefill raw text")
+        return render_messages(_PartsContent(self.tokenizer), messages, add_generation_prompt, template,
+                               self.modalities)
+
     def prepare(self, inputs: Sequence[MultimodalInput]) -> MediaPrepared:
         """Validate inputs; media become blocks of placeholder ids plus features."""
         inputs = _check_inputs(inputs)
@@ -286,6 +296,18 @@ class HFMultimodalEngine(HFTextEngine):
         types = (input_ids == self.image_token_id).int()
         pos, _ = self.model.model.get_rope_index(input_ids, mm_token_type_ids=types, image_grid_thw=grid)
         return pos + offset
+
+
+class _PartsContent:
+    """A tokenizer whose chat template receives str content as one text part."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    def apply_chat_template(self, messages, **kw):
+        parts = [dict(m, content=[{"type": "text", "text": m["content"]}]) if isinstance(m.get("content"), str)
+                 else m for m in messages]
+        return self._tokenizer.apply_chat_template(parts, **kw)
 
 
 class HFMultimodalSession(HFTextSession):

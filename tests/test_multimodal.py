@@ -238,6 +238,37 @@ def test_a_changed_audio_with_identical_ids_has_a_different_key_and_logits():
         assert (a.pending_logits - b.pending_logits).abs().max() > 1e-6
 
 
+# --------------------------------------------------------------------------- rendering
+
+# SmolVLM's template style: content is always iterated as a list of parts.
+PARTS_ONLY = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}: "
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def test_render_keeps_media_in_order_for_a_template_that_iterates_parts():
+    engine = tiny_engine("idefics3")
+    pic1, pic2 = image(1), image(2)
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "image", "image": pic1}, {"type": "text", "text": "and"},
+                                     {"type": "image", "image": pic2}]},
+        {"role": "assistant", "content": "ignored", "token_ids": [40, 41]},
+        {"role": "user", "content": "Which one?"},
+    ]
+    inputs = engine.render(messages, chat_template=PARTS_ONLY)
+    kinds = [i.kind for i in inputs]
+    assert kinds == ["text", "image", "text", "image", "text", "tokens", "text"]
+    assert inputs[1] == MI.image(pic1) and inputs[3] == MI.image(pic2)
+    assert inputs[0].value.endswith("Be brief.<end_of_utterance>\nUser: ")
+    assert inputs[-1].value.endswith("User: Which one?<end_of_utterance>\nAssistant:")
+    with fresh(engine, inputs) as s:
+        assert s.tokens == engine.tokenize(inputs) and len(s.media_spans) == 2
+
+
 # --------------------------------------------------------------------------- image inputs
 
 
