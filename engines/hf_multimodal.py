@@ -14,8 +14,9 @@ session, cache and sampling; this module adds what media need:
 
 Differences from the contract: none. The model never samples a media
 placeholder id (its logit is pinned to the dtype's minimum): a placeholder
-without features behind it would be meaningless. Qwen2-VL / Qwen2.5-VL take
-images only (their video processor needs torchvision).
+without features behind it would be meaningless. Without torchvision (as
+here): Qwen2-VL / Qwen2.5-VL take images only (their video processor needs
+it) and Gemma 3n takes audio only (its timm vision tower needs it).
 """
 
 from __future__ import annotations
@@ -88,9 +89,24 @@ def load_processor(source, config):
         else:
             from transformers import Qwen2_5_VLProcessor as cls
         tok = AutoTokenizer.from_pretrained(source)
+        template = getattr(tok, "chat_template", None) or _saved_chat_template(source)
         return _images_only(cls)(image_processor=Qwen2VLImageProcessorPil.from_pretrained(source), tokenizer=tok,
-                   chat_template=getattr(tok, "chat_template", None))
+                                 chat_template=template)
     return AutoProcessor.from_pretrained(source)
+
+
+def _saved_chat_template(source) -> str | None:
+    """A processor's chat template file (chat_template.jinja or .json), if the checkpoint has one."""
+    import json
+
+    from transformers.utils import cached_file
+
+    for name in ("chat_template.jinja", "chat_template.json"):
+        path = cached_file(source, name, _raise_exceptions_for_missing_entries=False)
+        if path:
+            text = open(path, encoding="utf-8").read()
+            return json.loads(text)["chat_template"] if name.endswith(".json") else text
+    return None
 
 
 class NoVisionTower(torch.nn.Module):

@@ -129,8 +129,9 @@ def build_llava() -> Path:
     return _save("llava", _init(LlavaForConditionalGeneration, cfg), proc)
 
 
-def build_qwen2_vl() -> Path:
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+def build_qwen2_vl(version: str = "2") -> Path:
+    """Qwen2-VL, or Qwen2.5-VL with version="2.5" (windowed vision attention)."""
+    import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     tok = make_tokenizer(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
@@ -140,16 +141,23 @@ def build_qwen2_vl() -> Path:
     ip = Qwen2VLImageProcessorPil(patch_size=8, merge_size=2, temporal_patch_size=2,
                                   min_pixels=16 * 16, max_pixels=48 * 48)
     v = tok.convert_tokens_to_ids
-    cfg = Qwen2VLConfig(
+    vision = dict(depth=1, num_heads=2, patch_size=8, spatial_merge_size=2, temporal_patch_size=2)
+    if version == "2":
+        vision.update(embed_dim=16, hidden_size=32, mlp_ratio=2)
+        config_cls, model_cls = transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
+    else:
+        vision.update(hidden_size=16, intermediate_size=32, out_hidden_size=32, window_size=32,
+                      fullatt_block_indexes=[0])
+        config_cls, model_cls = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
+    cfg = config_cls(
         text_config=_text(len(tok), rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                      "mrope_section": [2, 1, 1]}),
-        vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=8,
-                           spatial_merge_size=2, temporal_patch_size=2),
+        vision_config=vision,
         image_token_id=v("<|image_pad|>"), video_token_id=v("<|video_pad|>"),
         vision_start_token_id=v("<|vision_start|>"), vision_end_token_id=v("<|vision_end|>"),
     )
     # No processor object: its video half needs torchvision; the engine builds it from these two.
-    out = _save("qwen2_vl", _init(Qwen2VLForConditionalGeneration, cfg), tok)
+    out = _save("qwen2_vl" if version == "2" else "qwen2_5_vl", _init(model_cls, cfg), tok)
     ip.save_pretrained(out)
     return out
 
@@ -315,6 +323,7 @@ def media_prompts(kind: str):
 BUILDERS = {
     "llava": (build_llava, "image"),
     "qwen2_vl": (build_qwen2_vl, "image"),
+    "qwen2_5_vl": (functools.partial(build_qwen2_vl, "2.5"), "image"),
     "idefics3": (build_idefics3, "image"),
     "gemma3": (build_gemma3, "image"),
     "qwen2_audio": (build_qwen2_audio, "audio"),
