@@ -76,37 +76,35 @@ def load_multimodal(source, name, config, device, dtype, max_context, max_sessio
     )
 
 
+IMAGES_ONLY = {  # model type -> processor class whose video half needs torchvision
+    "qwen2_vl": "Qwen2VLProcessor",
+    "qwen2_5_vl": "Qwen2_5_VLProcessor",
+    "smolvlm": "SmolVLMProcessor",
+}
+
+
 def load_processor(source, config):
-    """AutoProcessor, except for Qwen2-VL / 2.5-VL, whose AutoProcessor also builds
-    a video processor that needs torchvision: there, image processor + tokenizer."""
-    from transformers import AutoProcessor, AutoTokenizer
+    """AutoProcessor, except where it would also build a video processor, which
+    needs torchvision (Qwen2-VL, Qwen2.5-VL, SmolVLM): there, images only."""
+    import transformers
 
-    if config.model_type in MROPE_FAMILIES:
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-        if config.model_type == "qwen2_vl":
-            from transformers import Qwen2VLProcessor as cls
-        else:
-            from transformers import Qwen2_5_VLProcessor as cls
-        tok = AutoTokenizer.from_pretrained(source)
-        template = getattr(tok, "chat_template", None) or _saved_chat_template(source)
-        return _images_only(cls)(image_processor=Qwen2VLImageProcessorPil.from_pretrained(source), tokenizer=tok,
-                                 chat_template=template)
-    return AutoProcessor.from_pretrained(source)
+    if config.model_type in IMAGES_ONLY:
+        return images_only(getattr(transformers, IMAGES_ONLY[config.model_type])).from_pretrained(source)
+    return transformers.AutoProcessor.from_pretrained(source)
 
 
-def _saved_chat_template(source) -> str | None:
-    """A processor's chat template file (chat_template.jinja or .json), if the checkpoint has one."""
-    import json
+def images_only(cls):
+    """`cls` without its video processor: image processor and tokenizer only."""
 
-    from transformers.utils import cached_file
+    class ImagesOnly(cls):
+        # Explicit parameters: transformers reads accepted settings off __init__'s code.
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_seq_len=None, **kw):
+            if image_seq_len is not None:  # SmolVLM
+                kw["image_seq_len"] = image_seq_len
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kw)
 
-    for name in ("chat_template.jinja", "chat_template.json"):
-        path = cached_file(source, name, _raise_exceptions_for_missing_entries=False)
-        if path:
-            text = open(path, encoding="utf-8").read()
-            return json.loads(text)["chat_template"] if name.endswith(".json") else text
-    return None
+    ImagesOnly.__name__ = ImagesOnly.__qualname__ = cls.__name__  # saved as the real class
+    return ImagesOnly
 
 
 class NoVisionTower(torch.nn.Module):
@@ -140,17 +138,6 @@ def vision_tower_left_out(config):
             yield
         finally:
             mod.AutoModel = real
-
-
-def _images_only(cls):
-    class ImagesOnly(cls):
-        """The processor without its video processor, which needs torchvision."""
-
-        def check_argument_for_proper_class(self, name, arg):
-            return None if arg is None else super().check_argument_for_proper_class(name, arg)
-
-    ImagesOnly.__name__ = cls.__name__
-    return ImagesOnly
 
 
 def _model_class(config):

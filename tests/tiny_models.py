@@ -134,6 +134,8 @@ def build_qwen2_vl(version: str = "2") -> Path:
     import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+    from engines.hf_multimodal import images_only
+
     tok = make_tokenizer(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
                          bos="<|endoftext|>")
     tok.chat_template = _template("<|vision_start|><|image_pad|><|vision_end|>", bos="")
@@ -156,31 +158,42 @@ def build_qwen2_vl(version: str = "2") -> Path:
         image_token_id=v("<|image_pad|>"), video_token_id=v("<|video_pad|>"),
         vision_start_token_id=v("<|vision_start|>"), vision_end_token_id=v("<|vision_end|>"),
     )
-    # No processor object: its video half needs torchvision; the engine builds it from these two.
-    out = _save("qwen2_vl" if version == "2" else "qwen2_5_vl", _init(model_cls, cfg), tok)
-    ip.save_pretrained(out)
-    return out
+    # Its video processor needs torchvision: save the images-only processor the engine loads.
+    proc_cls = images_only(transformers.Qwen2VLProcessor if version == "2" else transformers.Qwen2_5_VLProcessor)
+    proc = proc_cls(image_processor=ip, tokenizer=tok, chat_template=tok.chat_template)
+    return _save("qwen2_vl" if version == "2" else "qwen2_5_vl", _init(model_cls, cfg), proc)
 
 
-def build_idefics3() -> Path:
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
-    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+def build_idefics3(family: str = "idefics3") -> Path:
+    """Idefics3, or SmolVLM (the same design; its processor adds video) with family="smolvlm"."""
+    import transformers
+
+    from engines.hf_multimodal import images_only
 
     tok = make_tokenizer(["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]
                          + [f"<row_{r}_col_{c}>" for r in range(1, 4) for c in range(1, 4)])
     tok.chat_template = _template("<image>")
     # 32-pixel tiles of 8-pixel patches, pixel-shuffled by 2: 4 ids per tile; a
     # 64-pixel image is split into 2x2 tiles plus a global view.
-    ip = Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
-                                   do_image_splitting=True)
-    proc = Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=4, chat_template=tok.chat_template)
-    cfg = Idefics3Config(
+    sizes = dict(size={"longest_edge": 64}, max_image_size={"longest_edge": 32}, do_image_splitting=True)
+    cfg = dict(
         vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                            image_size=32, patch_size=8),
         text_config=_text(len(tok), model_type="llama"), scale_factor=2,
         image_token_id=tok.convert_tokens_to_ids("<image>"),
     )
-    return _save("idefics3", _init(Idefics3ForConditionalGeneration, cfg), proc)
+    if family == "idefics3":
+        from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil as IP
+
+        proc_cls, cfg_cls, model_cls = (transformers.Idefics3Processor, transformers.Idefics3Config,
+                                        transformers.Idefics3ForConditionalGeneration)
+    else:
+        from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil as IP
+
+        proc_cls, cfg_cls, model_cls = (images_only(transformers.SmolVLMProcessor), transformers.SmolVLMConfig,
+                                        transformers.SmolVLMForConditionalGeneration)
+    proc = proc_cls(image_processor=IP(**sizes), tokenizer=tok, image_seq_len=4, chat_template=tok.chat_template)
+    return _save(family, _init(model_cls, cfg_cls(**cfg)), proc)
 
 
 def build_gemma3(sliding_window: int = 24) -> Path:
@@ -325,6 +338,7 @@ BUILDERS = {
     "qwen2_vl": (build_qwen2_vl, "image"),
     "qwen2_5_vl": (functools.partial(build_qwen2_vl, "2.5"), "image"),
     "idefics3": (build_idefics3, "image"),
+    "smolvlm": (functools.partial(build_idefics3, "smolvlm"), "image"),
     "gemma3": (build_gemma3, "image"),
     "qwen2_audio": (build_qwen2_audio, "audio"),
     "gemma3n_audio": (build_gemma3n_audio, "audio"),
