@@ -136,7 +136,7 @@ def test_chat_stop_regenerate_edit_rewind_continue_reset(app, page, artifacts):
     start = reply.span[1] - len(reply.token_ids)
     wait_until(lambda: pg.locator("#token-view [data-tok]").count() == len(reply.token_ids), timeout=30)
     pg.locator("#token-view [data-tok='3']").click()
-    wait_until(lambda: len(the_tab(app).conv.turns[-1].token_ids) == 3, timeout=30)
+    wait_until(lambda: len(the_tab(app).conv.turns[-1].token_ids) == 3 and not the_tab(app).streaming, timeout=30)
     assert the_tab(app).conv.position == start + 3
     wait_until(lambda: page_gauge(pg) == start + 3, timeout=30)
     wait_until(lambda: "Rewound" in pg.locator("#status").inner_text(), timeout=30)

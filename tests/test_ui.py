@@ -96,20 +96,25 @@ def test_cancel_stops_server_generation_quickly(app):
                and len(tab_of(app, c).conv.turns[-1].token_ids) >= 3, timeout=60)
     tab = tab_of(app, c)
     assert tab.streaming
+    # A forward already running cannot be interrupted: on a loaded CPU one decode
+    # step alone can take longer than 0.5 s, so the budget adds the step in flight.
+    step_s = 1.0 / (tab.conv.last_stats.decode_tok_s or 2.0)
+    n_before = len(tab.conv.turns[-1].token_ids)
     t0 = time.perf_counter()
     job.cancel()
-    waited = wait_until(lambda: not tab.streaming, timeout=10, every=0.005)
+    wait_until(lambda: not tab.streaming, timeout=10, every=0.005)
     latency = time.perf_counter() - t0
-    print(f"cancel -> server generation ended in {latency * 1000:.0f} ms")
-    assert latency < 0.5, f"server kept generating for {latency:.2f} s after cancel"
     ids = list(tab.conv.turns[-1].token_ids)
+    print(f"cancel -> server generation ended in {latency * 1000:.0f} ms "
+          f"(decode step {step_s * 1000:.0f} ms, {len(ids) - n_before} token(s) after the cancel)")
+    assert latency < 0.5 + step_s, f"server kept generating for {latency:.2f} s after cancel"
+    assert len(ids) - n_before <= 2, "more than the step in flight was generated after cancel"
     pos = tab.conv.position
     time.sleep(1.0)
     assert tab.conv.turns[-1].token_ids == ids and tab.conv.position == pos, "generation went on after cancel"
     assert 3 <= len(ids) < 64
     assert tab.conv.last_stats.finish_reason == "stopped"
     assert tab.conv.turns[-1].span[1] == pos  # the partial reply is exactly what is resident
-    assert waited < 0.5
 
 
 def test_stop_button_stops_only_its_own_tab(app):
