@@ -60,8 +60,16 @@ class MediaPrepared(Prepared):
 # --------------------------------------------------------------------------- loading
 
 
+UNSUPPORTED = {
+    "voxtral": "Voxtral's processor takes audio only through mistral-common chat requests, not as "
+               "per-input features, so it does not fit this adapter yet",
+}
+
+
 def load_multimodal(source, name, config, device, dtype, max_context, max_sessions, chat_template):
     """Load a processor and an image/audio-text-to-text model from `source`."""
+    if config.model_type in UNSUPPORTED:
+        raise NotSupported(f"{name}: {UNSUPPORTED[config.model_type]}")
     try:
         processor = load_processor(source, config)
         with vision_tower_left_out(config):

@@ -387,3 +387,13 @@ def test_bad_audio_raises_invalid_argument_naming_the_input(fam, tmp_path):
 def test_modalities_come_from_model_and_processor():
     for fam, (_, kind) in BUILDERS.items():
         assert tiny_engine(fam).modalities == {"text", "tokens", kind}, fam
+
+
+def test_voxtral_is_refused_at_load_with_the_reason(tmp_path):
+    from transformers import VoxtralConfig
+
+    from engines import load_engine
+
+    VoxtralConfig().save_pretrained(tmp_path)  # a config alone: refused before any weights are read
+    with pytest.raises(NotSupported, match="Voxtral's processor"):
+        load_engine(str(tmp_path), device="cpu")
