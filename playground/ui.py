@@ -63,6 +63,18 @@ def error_text(e: Exception) -> str:
     return f"Something went wrong ({type(e).__name__}: {msg}). Your text is kept; try again."
 
 
+def finish_note(conv, prefix: str = "") -> str:
+    """The status line after an action; a full context says how to make room."""
+    stats = conv.last_stats
+    if stats is None or not stats.finish_reason:
+        return prefix
+    note = f"{prefix}finish: {stats.finish_reason}"
+    if stats.finish_reason == "context_full":
+        note += (f" — the context is full ({conv.position} of {conv.max_context} tokens). Click a token to "
+                 "rewind, edit an earlier message, or press Reset.")
+    return note
+
+
 def build_ui(engine, *, max_sessions: int | None = None, max_new_tokens_cap: int = 512,
              default_max_new_tokens: int = 128, idle_timeout_s: float = 900.0,
              max_file_mb: float = DEFAULT_MAX_FILE_MB, make_conversation=default_make_conversation,
@@ -154,9 +166,7 @@ def build_ui(engine, *, max_sessions: int | None = None, max_new_tokens_cap: int
             else:
                 for _ in gen:
                     yield view(tab, streaming=True)
-            stats = tab.conv.last_stats
-            note = f"finish: {stats.finish_reason}" if stats is not None and stats.finish_reason else ""
-            yield view(tab, status=note, streaming=False, save=True)
+            yield view(tab, status=finish_note(tab.conv), streaming=False, save=True)
         except Exception as e:  # noqa: BLE001 - a failure mid-stream keeps the transcript
             yield fail(e, tab)
         finally:
@@ -172,9 +182,7 @@ def build_ui(engine, *, max_sessions: int | None = None, max_new_tokens_cap: int
             return view(None, streaming=False)
         if tab.lock.acquire(timeout=10):
             tab.lock.release()
-        stats = tab.conv.last_stats
-        note = f"Stopped · finish: {stats.finish_reason}" if stats is not None and stats.finish_reason else "Stopped"
-        return view(tab, status=note, streaming=False, save=True)
+        return view(tab, status=finish_note(tab.conv, "Stopped · ") or "Stopped", streaming=False, save=True)
 
     def immediate(request, stored, system_prompt, raw, act, status=""):
         """Run a non-streaming action (rewind, undo, reset) under the tab's lock."""

@@ -47,7 +47,7 @@ def tab_of(app, c: Client):
     return app[1].sessions.get(c.session_hash)
 
 
-def call(c: Client, api: str, *args, max_new=16, store=None, **kw):
+def call(c: Client, api: str, *args, max_new=8, store=None, **kw):
     """Run an endpoint to the end; returns its last output tuple."""
     params = {**GREEDY, "max_new": max_new, "stored": store if store is not None else EMPTY_STORE, **kw}
     if api in ("/reset", "/undo", "/rewind"):
@@ -275,7 +275,7 @@ def test_two_clients_are_isolated_and_never_block_each_other(app):
     results = {}
 
     def run(name, c, text):
-        results[name] = send(c, text, max_new=24)
+        results[name] = send(c, text, max_new=12)
 
     threads = [threading.Thread(target=run, args=("a", a, "Say something about apples.")),
                threading.Thread(target=run, args=("b", b, "Say something about boats."))]
@@ -363,6 +363,12 @@ def test_image_to_text_only_model(app, tmp_path):
     f = tmp_path / "red.png"
     Image.new("RGB", (32, 32), (200, 0, 0)).save(f)
     _assert_rejected(app, c, send(c, "What is this?", [str(f)]), "cannot take images")
+
+
+def test_message_too_long_for_the_context(app):
+    c = client(app)
+    out = send(c, "word " * 9000)
+    _assert_rejected(app, c, out, "context is full", "Reset")
 
 
 def test_bad_actions_give_messages(app):
