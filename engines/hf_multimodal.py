@@ -34,9 +34,10 @@ import numpy as np
 import torch
 
 from . import kv
-from .base import EngineError, InvalidArgument, MultimodalInput, NotSupported, SessionPoisoned, _is_pil
+from .base import (EngineError, InvalidArgument, MultimodalInput, NotSupported, ServingCapacity, SessionPoisoned,
+                   _is_pil)
 from .chat import render_messages
-from .hf_text import HFTextEngine, HFTextSession, Prepared, _check_inputs
+from .hf_text import HFTextEngine, HFTextSession, Prepared, _check_inputs, _kv_bytes_per_token
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "MPO")  # MPO: JPEG from phone cameras
 MAX_IMAGE_PIXELS = 50_000_000  # refuse decompression bombs before decoding
@@ -187,6 +188,13 @@ class HFMultimodalEngine(HFTextEngine):
         self.sample_rate = getattr(fe, "sampling_rate", None)
         chunk = getattr(fe, "chunk_length", None)
         self.max_audio_seconds = float(chunk) if chunk else MAX_AUDIO_SECONDS
+        text_cfg = cfg.get_text_config()
+        shared = getattr(text_cfg, "num_kv_shared_layers", 0) or 0
+        if shared:  # Gemma 3n: the last layers reuse earlier layers' KV and store none
+            layers = text_cfg.num_hidden_layers
+            per_token = _kv_bytes_per_token(text_cfg, self.dtype) * (layers - shared) // layers
+            self.capacity = ServingCapacity(self.capacity.max_sessions, self.max_context, per_token,
+                                            per_token * self.max_context)
         self._memo: OrderedDict = OrderedDict()
         self._memo_lock = threading.Lock()
 

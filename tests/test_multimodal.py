@@ -397,3 +397,21 @@ def test_voxtral_is_refused_at_load_with_the_reason(tmp_path):
     VoxtralConfig().save_pretrained(tmp_path)  # a config alone: refused before any weights are read
     with pytest.raises(NotSupported, match="Voxtral's processor"):
         load_engine(str(tmp_path), device="cpu")
+
+
+def test_gemma3n_with_shared_kv_layers_decodes_seeks_and_sizes_its_cache():
+    engine = tiny_engine("gemma3n_audio_shared_kv")
+    cfg = engine.model.config.get_text_config()
+    assert cfg.num_kv_shared_layers == 2
+    prompt = prompt_with("audio", 1)
+    with fresh(engine, prompt) as s:
+        gen = greedy(s, 5)
+        close(s.pending_logits, full_forward(engine, s.tokens, engine.prepare(prompt).extras))
+        held = sum(l.keys.nbytes + l.values.nbytes for l in s._cache.layers if getattr(l, "keys", None) is not None)
+        assert held / s.position == engine.capacity.kv_bytes_per_token  # shared layers store nothing
+        (a, b), = s.media_spans
+        s.seek(b + 1)
+        with fresh(engine, [MI.tokens(s.tokens[:a]), prompt[1], MI.tokens(s.tokens[b:])]) as ref:
+            close(s.pending_logits, ref.pending_logits)
+            assert greedy(s, 4) == greedy(ref, 4)
+        assert gen

@@ -236,8 +236,9 @@ def build_qwen2_audio() -> Path:
     return _save("qwen2_audio", _init(Qwen2AudioForConditionalGeneration, cfg), proc)
 
 
-def build_gemma3n_audio() -> Path:
-    """Gemma 3n's audio and text path; its vision tower (timm) is left out."""
+def build_gemma3n_audio(shared_kv: int = 0) -> Path:
+    """Gemma 3n's audio and text path; its vision tower (timm) is left out. With
+    `shared_kv`, that many last layers reuse earlier layers' KV, as real Gemma 3n does."""
     from tokenizers import AddedToken
     from transformers import Gemma3nConfig, Gemma3nForConditionalGeneration, Gemma3nProcessor
     from transformers.models.gemma3n.feature_extraction_gemma3n import Gemma3nAudioFeatureExtractor
@@ -267,9 +268,10 @@ def build_gemma3n_audio() -> Path:
     cfg = Gemma3nConfig(
         text_config=dict(_text(text_vocab + 8), vocab_size_per_layer_input=text_vocab, hidden_size_per_layer_input=8,
                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=24,
-                         layer_types=["sliding_attention", "full_attention"], num_kv_shared_layers=0,
-                         laurel_rank=4, altup_num_inputs=2, activation_sparsity_pattern=[0.0, 0.0],
-                         intermediate_size=[64, 64], max_position_embeddings=1024, pad_token_id=2,
+                         num_hidden_layers=2 + shared_kv, num_kv_shared_layers=shared_kv,
+                         layer_types=(["sliding_attention", "full_attention"] * 2)[: 2 + shared_kv],
+                         laurel_rank=4, altup_num_inputs=2, activation_sparsity_pattern=[0.0] * (2 + shared_kv),
+                         intermediate_size=[64] * (2 + shared_kv), max_position_embeddings=1024, pad_token_id=2,
                          eos_token_id=1, bos_token_id=0),
         vision_config=dict(hidden_size=16, vocab_size=4, vocab_offset=text_vocab),
         audio_config=dict(vocab_size=4, vocab_offset=text_vocab + 4, input_feat_size=32, hidden_size=16,
@@ -281,7 +283,7 @@ def build_gemma3n_audio() -> Path:
     )
     with vision_tower_left_out(cfg):
         model = _init(Gemma3nForConditionalGeneration, cfg)
-    return _save("gemma3n_audio", model, proc)
+    return _save(f"gemma3n_audio{'_shared_kv' if shared_kv else ''}", model, proc)
 
 
 # --------------------------------------------------------------------------- media and cases
@@ -343,6 +345,8 @@ BUILDERS = {
     "qwen2_audio": (build_qwen2_audio, "audio"),
     "gemma3n_audio": (build_gemma3n_audio, "audio"),
 }
+# Built on demand by tests/test_multimodal.py, not in the contract suite's cases.
+EXTRA_BUILDERS = {"gemma3n_audio_shared_kv": (functools.partial(build_gemma3n_audio, 2), "audio")}
 
 
 @functools.lru_cache(maxsize=None)
@@ -357,7 +361,7 @@ def tiny_engine(family: str, max_sessions: int = 4):
 
 @functools.lru_cache(maxsize=None)
 def _built(family: str) -> Path:
-    return BUILDERS[family][0]()
+    return {**BUILDERS, **EXTRA_BUILDERS}[family][0]()
 
 
 def __getattr__(name):
