@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from engines import InvalidArgument, MultimodalInput as MI, NotSupported, SamplingConfig
-from engines.hf_multimodal import load_image
+from engines.media import load_image
 from tests.tiny_models import BUILDERS, image, image_bytes, tiny_engine, tone
 
 GREEDY = SamplingConfig()

@@ -22,7 +22,7 @@ from PIL import Image
 
 from transformers.utils import logging as hf_logging
 
-from engines import MultimodalInput as MI, load_engine
+from engines import load_engine
 
 hf_logging.disable_progress_bar()  # weight loading/saving bars would flood test output
 
