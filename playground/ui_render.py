@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import html
 import math
 import os
