@@ -10,6 +10,7 @@ Differences from the contract: none. Extras: `top_logprobs(k)`.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import threading
 from dataclasses import dataclass, field
@@ -161,8 +162,7 @@ class HFTextEngine(Engine):
 
     def forward(self, ids: list[int], cache, extras: dict, session) -> torch.Tensor:
         """One forward of `ids` on `cache`; returns the last position's logits."""
-        if torch.get_num_threads() != self.num_threads:
-            torch.set_num_threads(self.num_threads)  # the setting is per thread
+        use_threads(self, len(ids))
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **extras)
         return out.logits[0, -1]
@@ -384,6 +384,32 @@ HFTextEngine.session_class = HFTextSession
 
 
 # --------------------------------------------------------------------------- helpers
+
+DECODE_THREADS_ENV = "PLAYGROUND_DECODE_THREADS"
+
+
+def decode_threads(engine) -> int:
+    """Threads for a one-token step: 1 on CPU, unless $PLAYGROUND_DECODE_THREADS says otherwise.
+
+    Why (benchmarks/RESULTS.md): a CPU decode step is almost all fp32 matrix-vector
+    products, which torch's BLAS runs on one thread whatever the setting; extra
+    OpenMP threads only add a barrier per op, and that barrier stalls for a whole
+    scheduler slice whenever another process holds a core (a shared Space).
+    """
+    env = os.environ.get(DECODE_THREADS_ENV)
+    if env:
+        return max(1, int(env))
+    return 1 if engine.device.type == "cpu" else engine.num_threads
+
+
+def use_threads(engine, n_tokens: int) -> None:
+    """Set this thread's torch thread count for a forward of `n_tokens`: prefill
+    (a real matrix multiply) uses `engine.num_threads`, a decode step `decode_threads`.
+    torch's setting is per OS thread, and Gradio runs handlers in worker threads."""
+    want = decode_threads(engine) if n_tokens == 1 else engine.num_threads
+    if torch.get_num_threads() != want:
+        torch.set_num_threads(want)
+
 
 
 def _check_inputs(inputs) -> list[MultimodalInput]:
