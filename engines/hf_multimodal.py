@@ -34,7 +34,7 @@ import torch
 from . import kv
 from .base import EngineError, InvalidArgument, MultimodalInput, NotSupported, ServingCapacity, SessionPoisoned
 from .chat import render_messages
-from .hf_text import HFTextEngine, HFTextSession, Prepared, _check_inputs, _kv_bytes_per_token
+from .hf_text import HFTextEngine, HFTextSession, Prepared, _check_inputs, _kv_bytes_per_token, use_threads
 from .media import MAX_AUDIO_SECONDS, check_media_value, load_audio, load_image
 
 MEMO_SIZE = 16  # processed media kept per engine, by content hash
@@ -289,8 +289,7 @@ class HFMultimodalEngine(HFTextEngine):
     # -- the model (called with self.lock held)
 
     def forward(self, ids, cache, extras, session) -> torch.Tensor:
-        if torch.get_num_threads() != self.num_threads:
-            torch.set_num_threads(self.num_threads)
+        use_threads(self, len(ids))
         kw = {k: _to(v, self.device, self.dtype) for k, v in extras.items()}
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **kw)
