@@ -230,6 +230,26 @@ def test_a_changed_image_with_identical_ids_has_a_different_key_and_logits():
         assert (a.pending_logits - b.pending_logits).abs().max() > 1e-6
 
 
+@pytest.mark.parametrize("fam", ["qwen2_vl", "qwen2_audio"])
+def test_a_conversation_never_reuses_the_cache_past_a_changed_medium(fam):
+    from playground import Conversation
+
+    engine, kind = tiny_engine(fam), BUILDERS[fam][1]
+    conv = Conversation(engine)
+    "".join(conv.send([medium(kind, 1), MI.text("What is it?")], GREEDY, max_new_tokens=4))
+    (a, b), = conv.session.media_spans
+    "".join(conv.edit(0, [medium(kind, 1), MI.text("What is it?")], GREEDY, max_new_tokens=4))
+    assert conv.last_stats.reused >= b  # same content: the block stays in the cache
+    "".join(conv.edit(0, [medium(kind, 2), MI.text("What is it?")], GREEDY, max_new_tokens=4))
+    assert conv.last_stats.reused <= a  # same ids, new content: prefilled again from the block start
+    prompt = engine.render([{"role": "user", "content": [{"type": kind, "input": medium(kind, 2)},
+                                                          {"type": "text", "text": "What is it?"}]}])
+    with fresh(engine, prompt) as ref:
+        assert conv.session.tokens[: ref.position] == ref.tokens
+        conv.session.seek(ref.position)  # the cached prompt holds the new medium's features
+        close(conv.session.pending_logits, ref.pending_logits)
+
+
 def test_a_changed_audio_with_identical_ids_has_a_different_key_and_logits():
     engine = tiny_engine("qwen2_audio")
     one, two = MI.audio(tone(1), 16000), MI.audio(tone(2), 16000)
