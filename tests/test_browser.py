@@ -19,7 +19,9 @@ pytestmark = pytest.mark.browser
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+        "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+        # A fake microphone (a beep) for the recording tests.
+        "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"]
 T = 30_000  # ms; playwright's own default (5 s) is too short on a loaded CPU
 
 
@@ -46,7 +48,7 @@ def browser():
 def page(app, browser):
     for key in app[1].sessions.keys():
         app[1].sessions.close(key)
-    ctx = browser.new_context(viewport={"width": 1400, "height": 1100})
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1100}, permissions=["microphone"])
     pg = ctx.new_page()
     pg.set_default_timeout(T)
     pg.goto(app[0], wait_until="domcontentloaded")
@@ -176,6 +178,29 @@ def test_image_upload_to_text_only_model_keeps_text(app, page):
     assert tab is None or tab.conv.turns == []
 
 
+def record(pg, seconds=1.5):
+    """Record from the (fake) microphone into the box, as a person would."""
+    pg.locator("#box button[aria-label='Record audio']").click()
+    pg.locator("#box button[aria-label='Start recording']").click()
+    time.sleep(seconds)
+    pg.locator("#box button[aria-label='Stop recording']").click()
+    attach = pg.locator("#box button[aria-label='Attach audio']")
+    attach.wait_for()
+    attach.click()
+    time.sleep(1.0)  # the recording uploads
+
+
+def test_microphone_recording_to_text_only_model_keeps_text(app, page):
+    pg = page
+    pg.fill("#box textarea", "Did you hear me?")
+    record(pg)
+    pg.press("#box textarea", "Enter")
+    wait_until(lambda: "cannot take audio" in pg.locator("#status").inner_text(), timeout=30)
+    assert pg.locator("#box textarea").input_value() == "Did you hear me?"
+    tab = the_tab(app)
+    assert tab is None or tab.conv.turns == []
+
+
 def test_reload_keeps_the_transcript(app, page):
     pg = page
     pg.fill("#box textarea", "Say hello.")
@@ -190,10 +215,11 @@ def test_reload_keeps_the_transcript(app, page):
     assert "restored" in pg.locator("#status").inner_text()
 
 
-@pytest.mark.parametrize("family,kind", [("llava", "image"), ("qwen2_audio", "audio")])
-def test_upload_reaches_a_tiny_multimodal_model(family, kind, browser, tmp_path):
-    """Issue 5's UI check: an uploaded image or audio file reaches the model, and the context panel
-    shows its KV span."""
+@pytest.mark.parametrize("family,kind,how", [("llava", "image", "upload"), ("qwen2_audio", "audio", "upload"),
+                                             ("qwen2_audio", "audio", "microphone")])
+def test_media_reaches_a_tiny_multimodal_model(family, kind, how, browser, tmp_path):
+    """Issue 5's UI check: an uploaded image or audio file, or a microphone recording, reaches the
+    model, and the context panel shows its KV span."""
     import numpy as np
     import soundfile
     from PIL import Image
@@ -207,13 +233,16 @@ def test_upload_reaches_a_tiny_multimodal_model(family, kind, browser, tmp_path)
         f = tmp_path / "clip.wav"
         soundfile.write(str(f), (0.2 * np.sin(np.arange(22050) / 7)).astype(np.float32), 44100)
     with running_app(tiny_engine(family), default_max_new_tokens=4) as (url, demo):
-        ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+        ctx = browser.new_context(viewport={"width": 1400, "height": 1000}, permissions=["microphone"])
         pg = ctx.new_page()
         pg.set_default_timeout(T)
         pg.goto(url, wait_until="domcontentloaded")
         pg.fill("#box textarea", "What is this?")
-        pg.locator("#box input[data-testid=file-upload]").set_input_files(str(f))
-        time.sleep(1.0)
+        if how == "microphone":
+            record(pg)
+        else:
+            pg.locator("#box input[data-testid=file-upload]").set_input_files(str(f))
+            time.sleep(1.0)
         pg.press("#box textarea", "Enter")
         wait_until(lambda: demo.sessions.keys() and not demo.sessions.get(demo.sessions.keys()[0]).streaming
                    and len(demo.sessions.get(demo.sessions.keys()[0]).conv.turns) == 2, timeout=60, every=0.05)
