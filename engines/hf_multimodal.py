@@ -207,14 +207,16 @@ class HFMultimodalEngine(HFTextEngine):
         """Validate inputs; media become blocks of placeholder ids plus features."""
         inputs = _check_inputs(inputs)
         ids: list[int] = []
-        spans, blocks = [], []
+        spans, blocks, waves = [], [], []
         for i, inp in enumerate(inputs):
             if inp.kind not in self.modalities:
                 raise NotSupported(
                     f"input {i} is {inp.kind}, but {self.name} takes only {', '.join(sorted(self.modalities))}"
                 )
             if inp.kind in ("image", "audio"):
-                block_ids, feats = self._media(inp, i)
+                block_ids, feats, wave = self._media(inp, i)
+                if wave is not None:
+                    waves.append((i, wave))
                 spans.append((len(ids), len(ids) + len(block_ids)))
                 blocks.append((block_ids, feats))
                 ids.extend(block_ids)
@@ -236,19 +238,26 @@ class HFMultimodalEngine(HFTextEngine):
                 )
             ids.extend(part)
         extras = _merge([f for _, f in blocks], self.family)
+        if len(waves) > 1:
+            # Clips of different lengths are padded as the feature extractor pads a batch
+            # (padding is not neutral in every audio encoder): process them together.
+            out = self._process(waves[0][0], self.markers["audio"] * len(waves), audio=[w for _, w in waves],
+                                sampling_rate=self.sample_rate)
+            extras.update((k, v) for k, v in out.items() if torch.is_tensor(v) and k not in _TEXT_KEYS)
         return MediaPrepared(ids, extras, spans, blocks)
 
-    def _media(self, inp: MultimodalInput, index: int) -> tuple[list[int], dict]:
-        """(placeholder ids, features) of one media input, memoized by content."""
+    def _media(self, inp: MultimodalInput, index: int) -> tuple[list[int], dict, object]:
+        """(placeholder ids, features, waveform or None) of one media input, memoized by content."""
         check_media_value(inp, index)
         key = inp.key()
         with self._memo_lock:
             if key in self._memo:
                 self._memo.move_to_end(key)
-                ids, feats = self._memo[key]
-                return list(ids), feats
+                ids, feats, wave = self._memo[key]
+                return list(ids), feats, wave
+        wave = None
         if inp.kind == "image":
-            image = load_image(inp.value, index, self._image_cap())
+            image = load_image(inp.value, index, self._image_cap(), getattr(self.image_processor, "resample", None))
             out = self._process(index, self.markers["image"], images=[image])
         else:
             wave = load_audio(inp.value, inp.sample_rate, index, self.sample_rate, self.max_audio_seconds)
@@ -258,10 +267,10 @@ class HFMultimodalEngine(HFTextEngine):
             raise InvalidArgument(f"input {index}: the processor gave no {inp.kind} placeholder ids for it")
         feats = {k: v for k, v in out.items() if torch.is_tensor(v) and k not in _TEXT_KEYS}
         with self._memo_lock:
-            self._memo[key] = (ids, feats)
+            self._memo[key] = (ids, feats, wave)
             while len(self._memo) > MEMO_SIZE:
                 self._memo.popitem(last=False)
-        return list(ids), feats
+        return list(ids), feats, wave
 
     def _process(self, index, marker, **media):
         try:

@@ -20,9 +20,10 @@ MAX_IMAGE_BYTES = 50 << 20
 MAX_AUDIO_SECONDS = 30.0  # used when the feature extractor states no chunk length
 
 
-def load_image(value, index: int, cap: dict):
+def load_image(value, index: int, cap: dict, resample=None):
     """A PIL RGB image from a PIL image, path or bytes (first frame of a GIF),
-    downscaled to at most what the processor keeps."""
+    downscaled to at most what the processor keeps, with the processor's own
+    `resample` filter so that its resize to the same size changes nothing."""
     from PIL import Image, UnidentifiedImageError
 
     if _is_pil(value):
@@ -63,7 +64,7 @@ def load_image(value, index: int, cap: dict):
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise InvalidArgument(f"input {index}: corrupt image ({e})") from e
     if img.size != target:
-        img = img.resize(_target_size(*img.size, cap), Image.Resampling.BICUBIC)
+        img = img.resize(_target_size(*img.size, cap), Image.Resampling.BICUBIC if resample is None else resample)
     return img
 
 

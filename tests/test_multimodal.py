@@ -83,7 +83,9 @@ def full_forward(engine, ids, extras):
 
 def test_decode_logits_equal_a_no_cache_full_forward_with_features(family):
     name, kind, engine = family
-    prompt = [MI.text("Compare"), medium(kind, 2), MI.text(" and"), medium(kind, 3), MI.text(" now.")]
+    # A second medium of another size or length: features of differing shapes are padded and merged.
+    other = {"size": (70, 30)} if kind == "image" else {"seconds": 0.9}
+    prompt = [MI.text("Compare"), medium(kind, 2), MI.text(" and"), medium(kind, 3, **other), MI.text(" now.")]
     with engine.create_session() as s:
         s.prefill(prompt[:2])  # chunked: the second medium arrives in a later prefill
         s.prefill(prompt[2:])
@@ -94,10 +96,26 @@ def test_decode_logits_equal_a_no_cache_full_forward_with_features(family):
         close(s.pending_logits, want)
         # The features matter: without them the reference differs.
         if kind == "image":
-            other = engine.prepare([MI.text("Compare"), medium(kind, 7), MI.text(" and"), medium(kind, 3),
-                                    MI.text(" now.")])
-            assert other.ids == prep.ids
-            assert (full_forward(engine, s.tokens, other.extras) - want).abs().max() > 1e-6
+            changed = engine.prepare([MI.text("Compare"), medium(kind, 7), MI.text(" and"),
+                                      medium(kind, 3, **other), MI.text(" now.")])
+            assert changed.ids == prep.ids
+            assert (full_forward(engine, s.tokens, changed.extras) - want).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("fam", ["idefics3", "gemma3n_audio", "qwen2_vl", "llava"])
+def test_merged_features_equal_the_processor_on_all_media_at_once(fam):
+    engine, kind = tiny_engine(fam), BUILDERS[fam][1]
+    # No bigger than the processors keep: an image we downscale first is resampled twice.
+    other = {"size": (60, 30)} if kind == "image" else {"seconds": 0.9}
+    media = [medium(kind, 2), medium(kind, 3, **other)]
+    ours = engine.prepare(media).extras
+    values = [image(2), image(3, **other)] if kind == "image" else [tone(2), tone(3, **other)]
+    key = "images" if kind == "image" else "audio"
+    theirs = engine.processor(text=[engine.markers[kind] * 2], **{key: values}, return_tensors="pt",
+                              add_special_tokens=False)
+    assert ours.keys() <= theirs.keys()
+    for k, v in ours.items():
+        assert torch.equal(v, theirs[k]), k
 
 
 def test_media_spans_cover_exactly_the_expanded_blocks(family):
