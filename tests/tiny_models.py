@@ -37,7 +37,7 @@ CORPUS = [
 
 # One generic chat template: list content renders media with the family's marker.
 TEMPLATE = (
-    "{% for m in messages %}{{ bos if loop.first else '' }}<|im_start|>{{ m['role'] }}\n"
+    "{% for m in messages %}{{ BOS_MARK if loop.first else '' }}<|im_start|>{{ m['role'] }}\n"
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
     "{% if p['type'] == 'text' %}{{ p['text'] }}{% elif p['type'] == 'image' %}IMAGE_MARK"
     "{% elif p['type'] == 'audio' %}AUDIO_MARK{% endif %}{% endfor %}{% endif %}EOT\n{% endfor %}"
@@ -75,8 +75,8 @@ def make_tokenizer(specials: list[str], extra: dict | None = None, bos="<s>", eo
 
 
 def _template(image_mark="", audio_mark="", bos="<s>", eot="<|im_end|>"):
-    t = TEMPLATE.replace("IMAGE_MARK", image_mark).replace("AUDIO_MARK", audio_mark).replace("EOT", eot)
-    return t.replace("bos", repr(bos))
+    t = TEMPLATE.replace("BOS_MARK", repr(bos)).replace("EOT", eot)
+    return t.replace("IMAGE_MARK", image_mark).replace("AUDIO_MARK", audio_mark)
 
 
 def _text(vocab, **kw):
@@ -89,7 +89,6 @@ def _text(vocab, **kw):
 
 def _save(name, model, processor) -> Path:
     out = _ROOT() / name
-    torch.manual_seed(0)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
