@@ -239,13 +239,17 @@ def test_media_reaches_a_tiny_multimodal_model(family, kind, how, browser, tmp_p
         pg.goto(url, wait_until="domcontentloaded")
         pg.fill("#box textarea", "What is this?")
         if how == "microphone":
-            record(pg)
+            record(pg, seconds=0.3)  # the tiny audio model takes at most 2 s of audio
         else:
             pg.locator("#box input[data-testid=file-upload]").set_input_files(str(f))
             time.sleep(1.0)
         pg.press("#box textarea", "Enter")
-        wait_until(lambda: demo.sessions.keys() and not demo.sessions.get(demo.sessions.keys()[0]).streaming
-                   and len(demo.sessions.get(demo.sessions.keys()[0]).conv.turns) == 2, timeout=60, every=0.05)
+        try:
+            wait_until(lambda: demo.sessions.keys() and not demo.sessions.get(demo.sessions.keys()[0]).streaming
+                       and len(demo.sessions.get(demo.sessions.keys()[0]).conv.turns) == 2, timeout=60, every=0.05)
+        except TimeoutError:
+            pytest.fail(f"no reply; status {pg.locator('#status').inner_text()!r}, "
+                        f"box {pg.locator('#box').inner_text()!r}, tabs {demo.sessions.keys()}")
         conv = demo.sessions.get(demo.sessions.keys()[0]).conv
         assert [p.kind for p in conv.turns[0].parts] == [kind, "text"]
         (_, start, end), = conv.turns[0].media_spans
