@@ -133,10 +133,20 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def _content_key(path: Path, edge: int = 1 << 20) -> str:
+    """Identify a file by size and its first and last MiB: the same GGUF in another
+    venv reuses the conversion, and a changed file does not (hashing all of it costs more)."""
+    h = hashlib.sha256(str(path.stat().st_size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(edge))
+        f.seek(max(0, path.stat().st_size - edge))
+        h.update(f.read(edge))
+    return h.hexdigest()[:12]
+
+
 def _converted(gguf: Path) -> Path:
     """Return a safetensors copy of `gguf`, converting it on first use."""
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    key = _content_key(gguf)
     target = cache_dir() / f"{gguf.stem}-{key}"
     if (target / "done.json").is_file():
         return target
