@@ -83,16 +83,19 @@ class Handlers:
 
     # ------------------------------------------------------------------ helpers
 
-    def tab_for(self, request: gr.Request, stored, system_prompt, raw) -> Tab:
+    def open_tab(self, request: gr.Request, stored) -> Tab:
+        """This browser tab's Tab, made on first use from the browser-stored transcript. May raise Busy."""
         stored = stored or {}
-        tab = self.sessions.open(request.session_hash, stored.get("messages") or None,
-                            system_prompt or "", bool(raw))
+        return self.sessions.open(request.session_hash, stored.get("messages") or None,
+                                  stored.get("system_prompt") or "", bool(stored.get("raw")))
+
+    def sync(self, tab: Tab, system_prompt, raw) -> None:
+        """Follow the raw toggle and the system prompt box (call with the tab's lock held)."""
         if tab.raw != bool(raw):
             self.sessions.replace(tab, None, system_prompt or "", bool(raw))
         elif not raw and tab.system_prompt != (system_prompt or ""):
             turns = [t for t in tab.conv.turns if t.role != "system"]
             self.sessions.replace(tab, tab.conv.to_messages() if turns else None, system_prompt or "", False)
-        return tab
 
     def transcript(self, tab: Tab) -> dict:
         return {"format": TRANSCRIPT_FORMAT, "model": self.model, "raw": tab.raw,
@@ -133,7 +136,7 @@ class Handlers:
         which records the partial reply.
         """
         try:
-            tab = self.tab_for(request, stored, system_prompt, raw)
+            tab = self.open_tab(request, stored)
         except Exception as e:  # noqa: BLE001 - every failure becomes a message
             yield self.fail(e)
             return
@@ -144,6 +147,7 @@ class Handlers:
         try:
             tab.touch()
             try:
+                self.sync(tab, system_prompt, raw)
                 gen = start(tab.conv)
             except Exception as e:  # noqa: BLE001
                 yield self.fail(e, tab)
@@ -175,12 +179,13 @@ class Handlers:
     def immediate(self, request, stored, system_prompt, raw, act, status=""):
         """Run a non-streaming action (rewind, undo, reset) under the tab's lock."""
         try:
-            tab = self.tab_for(request, stored, system_prompt, raw)
+            tab = self.open_tab(request, stored)
         except Exception as e:  # noqa: BLE001
             return self.fail(e)
         if not tab.lock.acquire(blocking=False):
             return self.fail(TabBusy("A reply is still streaming in this tab: press Stop first."))
         try:
+            self.sync(tab, system_prompt, raw)
             out = act(tab)
             return self.view(tab, status=status, box=out, streaming=False, save=True)
         except Exception as e:  # noqa: BLE001
@@ -334,8 +339,8 @@ class Handlers:
                                "or an object with \"messages\".")
             new_raw = bool(data.get("raw", raw)) if isinstance(data, dict) else bool(raw)
             sp = next((m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "system"
-                       and isinstance(m.get("content"), str)), system_prompt or "")
-            tab = self.tab_for(request, stored, system_prompt, raw)
+                       and isinstance(m.get("content"), str)), "")
+            tab = self.open_tab(request, stored)
             if not tab.lock.acquire(blocking=False):
                 raise TabBusy("A reply is still streaming in this tab: press Stop first.")
             try:
@@ -346,5 +351,6 @@ class Handlers:
             return self.fail(BadInput(f"The transcript is not valid JSON: {e}")) + (gr.skip(), gr.skip())
         except Exception as e:  # noqa: BLE001
             return self.fail(e) + (gr.skip(), gr.skip())
-        return self.view(tab, status="Transcript imported; the model reads it on your next action.",
-                    streaming=False, save=True)[:-1] + (self.transcript(tab), sp or "", new_raw)
+        notes = " ".join(getattr(tab.conv, "import_notes", None) or [])
+        return self.view(tab, status=f"Transcript imported; the model reads it on your next action. {notes}".strip(),
+                         streaming=False, save=True)[:-1] + (self.transcript(tab), sp or "", new_raw)
