@@ -418,20 +418,6 @@ def test_app_import_loads_nothing_and_honours_gradio_env():
     assert out.stdout.split() == ["0.0.0.0", "7999", "smollm2", "4"]
 
 
-@pytest.mark.slow
-def test_playground_notebook_executes():
-    import nbclient
-    import nbformat
-
-    from tests.conftest import ROOT
-
-    nb = nbformat.read(ROOT / "notebooks" / "03_playground.ipynb", 4)
-    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                            resources={"metadata": {"path": str(ROOT)}}).execute()
-    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
-    assert "streamed lengths" in text and "prefilled 0" in text
-
-
 # --------------------------------------------------------------------------- multimodal models (tiny, offline)
 
 
