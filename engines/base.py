@@ -289,8 +289,8 @@ class Session(abc.ABC):
         text: bytes of an unfinished character are held back until it completes.
         A pending stop request gives `(0, "", False, True)` and no change.
         The session's generator is seeded from `sampling.seed` on the first
-        decode after a prefill, seek or reset, and whenever the seed changes;
-        later steps continue the same random stream.
+        decode after a prefill, a seek that moves the position, or reset, and
+        whenever the seed changes; later steps continue the same random stream.
         Raises `InvalidArgument` when nothing is resident and `ContextFull` when
         the context has no room for `t`, both before any change.
         """

@@ -87,7 +87,7 @@ class HFTextEngine(Engine):
         kv_per_token = _kv_bytes_per_token(text_cfg, self.dtype)
         self.capacity = ServingCapacity(max_sessions, limit, kv_per_token, kv_per_token * limit)
         self.lock = threading.Lock()  # serialises forwards on the shared weights
-        self._slots = threading.Semaphore(max_sessions)
+        self._slots = threading.BoundedSemaphore(max_sessions)
         self._open = 0
         self._open_lock = threading.Lock()
         self._fingerprint = None
@@ -175,8 +175,10 @@ class HFTextSession(Session):
         self._engine = engine
         self._stop = threading.Event()
         self._closed = False
+        self._close_lock = threading.Lock()
         self._generator = torch.Generator(device=engine.device)
         self._processors = (None, None)  # (config, processors) memo
+        self._logp_memo = (None, None)  # (logits, their log_softmax)
         self._clear()
 
     def _clear(self) -> None:
@@ -227,8 +229,10 @@ class HFTextSession(Session):
                     self._cache = kv.new_cache(eng.model.config)
                     self._on_new_cache()
                 logits = eng.forward(ids, self._cache, extras, self)
-        except Exception as e:
+        except BaseException as e:  # an interrupt mid-forward leaves the cache half-updated too
             self._poisoned = e
+            if not isinstance(e, Exception):
+                raise
             raise SessionPoisoned(f"forward pass failed: {e!r}; call reset() to use this session again") from e
         self._ids.extend(ids)
         self._logits = logits
@@ -336,7 +340,7 @@ class HFTextSession(Session):
         self._media_spans = [s for s in self._media_spans if s[1] <= pos - 1]
         try:
             kv.crop_to(self._cache, pos - 1)
-        except Exception as e:
+        except BaseException as e:
             self._poisoned = e
             raise SessionPoisoned(f"cache crop failed: {e!r}; call reset()") from e
         self._run([last], {})
@@ -353,11 +357,13 @@ class HFTextSession(Session):
         self._clear()
 
     def close(self) -> None:
-        if not self._closed:
+        with self._close_lock:  # close() and __del__ may race; the slot is given back once
+            if self._closed:
+                return
             self._closed = True
-            self._cache = None
-            self._logits = self._last_logits = None
-            self._engine._release()
+        self._cache = None
+        self._logits = self._last_logits = None
+        self._engine._release()
 
     def __del__(self):
         # A session dropped without close() (a notebook re-running a cell) gives its slot back.
@@ -366,18 +372,26 @@ class HFTextSession(Session):
         except Exception:
             pass
 
+    def _last_logp(self):
+        """log_softmax of the last step's logits, computed once per step."""
+        logits = self._last_logits
+        if logits is None:
+            return None
+        if self._logp_memo[0] is not logits:
+            self._logp_memo = (logits, torch.log_softmax(logits.float(), dim=-1))
+        return self._logp_memo[1]
+
     def top_logprobs(self, k: int = 5) -> list[tuple[int, str, float]]:
-        if self._last_logits is None:
+        logp = self._last_logp()
+        if logp is None:
             return []
-        logp = torch.log_softmax(self._last_logits.float(), dim=-1)
         vals, idx = logp.topk(k)
         return [(int(i), self._engine.decode([int(i)]), float(v)) for v, i in zip(vals, idx)]
 
     def logprob(self, token_id: int) -> float | None:
         """Log-probability of `token_id` in the last decode step's distribution."""
-        if self._last_logits is None:
-            return None
-        return float(torch.log_softmax(self._last_logits.float(), dim=-1)[token_id])
+        logp = self._last_logp()
+        return None if logp is None else float(logp[token_id])
 
 
 HFTextEngine.session_class = HFTextSession

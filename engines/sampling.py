@@ -44,7 +44,9 @@ def sample_token(
     """Pick one id from 1-D `logits`. `history` feeds the repetition penalty."""
     scores = logits.float().unsqueeze(0)
     if len(processors):
-        ids = torch.tensor([history], dtype=torch.long, device=scores.device)
+        # Only the repetition penalty reads the history; don't build it per token otherwise.
+        seen = history if cfg.repetition_penalty != 1.0 else history[-1:]
+        ids = torch.tensor([seen], dtype=torch.long, device=scores.device)
         scores = processors(ids, scores)
     if cfg.greedy:
         return int(scores.argmax(-1))

@@ -11,6 +11,7 @@ Knows nothing of torch, tokenizers or Gradio: it plans with the engine's
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
@@ -41,6 +42,12 @@ class TokenInfo:
     text: str
     logprob: float | None
     top: tuple = ()  # ((id, text, logprob), ...)
+
+
+def plain_token_info(engine, ids) -> list[TokenInfo]:
+    """Token info without probabilities, for ids this process did not sample (edited,
+    imported), so `token_info` stays aligned with `token_ids`."""
+    return [TokenInfo(t, engine.decode([t]), None) for t in ids]
 
 
 @dataclass
@@ -102,6 +109,7 @@ class Conversation:
         self._keys: list = []  # key of each resident position (see prefix.py)
         self._media_ids: dict = {}  # media key -> expanded ids, so media are processed once
         self._busy = threading.Lock()
+        self._stop_asked = threading.Event()  # survives the seek/prefill that clear the session's
 
     # ------------------------------------------------------------------ state
 
@@ -162,7 +170,8 @@ class Conversation:
         if any(p.kind not in ("text", "tokens") for p in parts):
             raise InvalidArgument("an assistant turn can only be edited to text or tokens")
         ids = self._tokenize(parts)
-        reply = Turn("assistant", [MultimodalInput.text(self.engine.decode(ids))], token_ids=ids)
+        reply = Turn("assistant", [MultimodalInput.text(self.engine.decode(ids))], token_ids=ids,
+                     token_info=plain_token_info(self.engine, ids))
         return self._start(self.turns[:i], reply, sampling, max_new_tokens, stop_strings)
 
     def continue_reply(self, sampling: SamplingConfig = SamplingConfig(), max_new_tokens: int = 64,
@@ -194,43 +203,43 @@ class Conversation:
         n = len(turn.token_ids)
         if isinstance(token_offset, bool) or not isinstance(token_offset, int) or not 0 <= token_offset <= n:
             raise InvalidArgument(f"token_offset {token_offset!r} is outside 0..{n} for turn {i}")
-        self._not_busy()
-        ids = turn.token_ids[:token_offset]
-        cut = replace(turn, parts=[MultimodalInput.text(self.engine.decode(ids))], token_ids=ids,
-                      token_info=turn.token_info[:token_offset])
-        self.turns = self.turns[:i] + [cut]
-        if self._session is not None:
-            inputs = self._target(self.turns[:i], cut)
-            keys, _ = self._keys_of(inputs)
-            self._sync_keys()
-            plan = plan_prefix(self._keys, keys, self._session.can_seek)
-            if not plan.fallback and plan.prefill == 0:
-                self._session.seek(plan.keep)
-                del self._keys[plan.keep:]
-                self.last_stats = Stats(plan.keep, 0, False)
-        self._update_spans()
+        with self._exclusive():
+            ids = turn.token_ids[:token_offset]
+            cut = replace(turn, parts=[MultimodalInput.text(self.engine.decode(ids))], token_ids=ids,
+                          token_info=turn.token_info[:token_offset])
+            self.turns = self.turns[:i] + [cut]
+            if self._session is not None:
+                keys, _ = self._keys_of(self._target(self.turns[:i], cut))
+                self._sync_keys()
+                plan = plan_prefix(self._keys, keys, self._session.can_seek)
+                if not plan.fallback and plan.prefill == 0 and self._session.can_seek(plan.keep):
+                    self._session.seek(plan.keep)
+                    del self._keys[plan.keep:]
+                    self.last_stats = Stats(plan.keep, 0, False)
+            self._update_spans()
 
     def drop_from(self, i: int) -> None:
         """Remove turns[i:] (Undo). The KV follows on the next action."""
         if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i <= len(self.turns):
             raise InvalidArgument(f"turn index {i!r} is outside 0..{len(self.turns)}")
-        self._not_busy()
-        self.turns = self.turns[:i]
+        with self._exclusive():
+            self.turns = self.turns[:i]
 
     def stop(self) -> None:
         """Ask a running stream (in another thread) to end at the next token."""
+        self._stop_asked.set()
         if self._session is not None:
             self._session.stop()
 
     def reset(self) -> None:
         """Drop every turn but the system prompt and empty the session."""
-        self._not_busy()
-        self.turns = [t for t in self.turns if t.role == "system"]
-        if self._session is not None:
-            self._session.reset()
-        self._keys = []
-        self.last_stats = None
-        self._update_spans()
+        with self._exclusive():
+            self.turns = [t for t in self.turns if t.role == "system"]
+            if self._session is not None:
+                self._session.reset()
+            self._keys = []
+            self.last_stats = None
+            self._update_spans()
 
     # ------------------------------------------------------------------ export / import
 
@@ -249,10 +258,14 @@ class Conversation:
         conv.turns, conv.import_notes = transcript.messages_to_turns(engine, messages, conv._tokenize)
         if prefill and conv.turns:
             last = conv.turns[-1]
-            if last.role == "assistant":
-                conv._move(*conv._keys_of(conv._target(conv.turns[:-1], last)))
-            else:
-                conv._move(*conv._keys_of(conv._target(conv.turns, None)))
+            try:
+                if last.role == "assistant":
+                    conv._move(*conv._keys_of(conv._target(conv.turns[:-1], last)))
+                else:
+                    conv._move(*conv._keys_of(conv._target(conv.turns, None)))
+            except BaseException:
+                conv.close()
+                raise
             conv._update_spans()
         return conv
 
@@ -275,6 +288,7 @@ class Conversation:
             )
         if reply is None:
             reply = Turn("assistant", [MultimodalInput.text("")], token_ids=[])
+        self._stop_asked.clear()
         return self._stream(before, reply, target, sampling, max_new_tokens, tuple(stop_strings))
 
     def _stream(self, before, reply, target, sampling, max_new_tokens, stop_strings):
@@ -282,12 +296,18 @@ class Conversation:
             raise EngineError("another action is running on this conversation; stop it first")
         session, finish = None, "stopped"
         try:
-            seed = sampling.seed if sampling.seed is not None else random.getrandbits(31)
+            seed = sampling.seed
+            if seed is None:  # continuing a reply keeps its random stream, so its seed replays it
+                seed = (reply.sampling or {}).get("seed") if reply.token_ids else None
+            if seed is None:
+                seed = random.getrandbits(31)
             sampling = replace(sampling, seed=seed)
             t0 = time.perf_counter()
             self.last_stats = None
             session = self.session
             stats = self._move(*target)  # keep the exact prefix, prefill the rest
+            if self._stop_asked.is_set():  # asked while planning; seek/prefill cleared it
+                session.stop()
             self.turns = before + [reply]
             reply.sampling = sampling.to_dict()
             self.last_stats = stats
@@ -327,16 +347,22 @@ class Conversation:
             finish = "stopped"  # closed by the consumer, or an error on its way out
             raise
         finally:
-            if session is not None:
-                if self.last_stats is not None:
-                    self.last_stats = replace(self.last_stats, finish_reason=finish)
-                self._clear_stop(session)
-                self._update_spans()
-            self._busy.release()
+            try:
+                if session is not None:
+                    if self.last_stats is not None:
+                        self.last_stats = replace(self.last_stats, finish_reason=finish)
+                    self._clear_stop(session)
+                    self._update_spans()
+            finally:
+                self._busy.release()
 
     def _move(self, keys: list, pieces: list) -> Stats:
         """Seek to the longest exact resident prefix of the target and prefill the rest."""
         session = self.session
+        rebuilt = not session.can_seek(session.position)
+        if rebuilt:  # poisoned by a failed forward: rebuild from the transcript
+            session.reset()
+            self._keys = []
         self._sync_keys()
         plan = plan_prefix(self._keys, keys, session.can_seek)
         if plan.fallback:
@@ -348,7 +374,7 @@ class Conversation:
         if plan.prefill:
             session.prefill(_slice_inputs(pieces, plan.keep))
             self._keys.extend(keys[plan.keep:])
-        return Stats(plan.keep, plan.prefill, plan.fallback)
+        return Stats(plan.keep, plan.prefill, plan.fallback or rebuilt)
 
     def _target(self, before: list[Turn], reply: Turn | None) -> list[MultimodalInput]:
         """What should be resident: `before` rendered (with a generation prompt when a
@@ -412,11 +438,19 @@ class Conversation:
             pass
 
     def _update_spans(self) -> None:
-        """Each turn's [start, end) in the KV and its media blocks' spans."""
+        """Each turn's [start, end) in the KV and its media blocks' spans. Best effort: a
+        template that cannot render a prefix on its own (no user turn yet) leaves spans unset."""
         for t in self.turns:
             t.span, t.media_spans = None, []
         if self._session is None or not self.turns:
             return
+        try:
+            self._compute_spans()
+        except EngineError:
+            for t in self.turns:
+                t.span, t.media_spans = None, []
+
+    def _compute_spans(self) -> None:
         ends = []
         for k in range(1, len(self.turns) + 1):
             last = self.turns[k - 1]
@@ -474,6 +508,16 @@ class Conversation:
     def _check_index(self, i) -> None:
         if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(self.turns):
             raise InvalidArgument(f"turn index {i!r} is outside 0..{len(self.turns) - 1}")
+
+    @contextlib.contextmanager
+    def _exclusive(self):
+        """Hold the action lock for an immediate action (no stream may start meanwhile)."""
+        if not self._busy.acquire(blocking=False):
+            raise EngineError("another action is running on this conversation; stop it first")
+        try:
+            yield
+        finally:
+            self._busy.release()
 
     def _not_busy(self) -> None:
         if self._busy.locked():

@@ -8,12 +8,15 @@ Tabs are made on a tab's first action, freed by `close(key)` (wired to
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 from engines import EngineError
+
+log = logging.getLogger(__name__)
 
 
 class Busy(EngineError):
@@ -150,7 +153,10 @@ class SessionManager:
 
         def loop():
             while not self._stop_reaper.wait(every_s):
-                self.sweep()
+                try:
+                    self.sweep()
+                except Exception:  # a failed sweep must not end the reaper: slots would leak
+                    log.exception("idle sweep failed")
 
         self._reaper = threading.Thread(target=loop, name="playground-reaper", daemon=True)
         self._reaper.start()

@@ -84,7 +84,7 @@ def _media_bytes(p: MultimodalInput) -> bytes:
 
 def messages_to_turns(engine, messages, tokenize: Callable) -> tuple[list, list[str]]:
     """Validate `messages` and build turns. Returns (turns, notes)."""
-    from .conversation import Turn
+    from .conversation import Turn, plain_token_info
 
     if not isinstance(messages, list):
         raise InvalidArgument(f"messages must be a list of dicts, got {type(messages).__name__}")
@@ -108,7 +108,8 @@ def messages_to_turns(engine, messages, tokenize: Callable) -> tuple[list, list[
         sampling = m.get("sampling") or None
         if sampling is not None:
             sampling = SamplingConfig.from_dict(sampling).to_dict()
-        turns.append(Turn("assistant", [MultimodalInput.text(content)], token_ids=ids, sampling=sampling))
+        turns.append(Turn("assistant", [MultimodalInput.text(content)], token_ids=ids, sampling=sampling,
+                          token_info=plain_token_info(engine, ids)))
     return turns, notes
 
 

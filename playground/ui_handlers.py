@@ -152,13 +152,16 @@ class Handlers:
             except Exception as e:  # noqa: BLE001
                 yield self.fail(e, tab)
                 return
-            yield self.view(tab, box=EMPTY_BOX if clear_box else None, streaming=True)
+            # The box is cleared only once the turn is in the transcript: a failure while
+            # planning or prefilling (busy engine, failed forward) leaves the text where it was.
+            yield self.view(tab, streaming=True)
+            box = EMPTY_BOX if clear_box else None
             if isinstance(gen, str):  # step(): one token, already done
                 gen = None
             else:
                 for _ in gen:
-                    yield self.view(tab, streaming=True)
-            yield self.view(tab, status=finish_note(tab.conv), streaming=False, save=True)
+                    yield self.view(tab, box=box, streaming=True)
+            yield self.view(tab, box=box, status=finish_note(tab.conv), streaming=False, save=True)
         except Exception as e:  # noqa: BLE001 - a failure mid-stream keeps the transcript
             yield self.fail(e, tab)
         finally:

@@ -85,7 +85,7 @@ def parse_box(value, modalities, model_name: str, max_file_mb: float = DEFAULT_M
                 "(--model). Your text is kept."
             )
         parts.append(MultimodalInput.image(path) if kind == "image" else MultimodalInput.audio(path))
-    if text:
+    if text.strip():  # whitespace beside an image is no message of its own
         parts.append(MultimodalInput.text(text))
     return parts
 

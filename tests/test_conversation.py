@@ -374,3 +374,62 @@ def test_stats_report_timing_and_spans_cover_the_session(smol):
     assert [i.id for i in info] == conv.turns[-1].token_ids
     assert all(i.logprob <= 0 and len(i.top) == 5 for i in info)
     assert all(i.top[0][2] >= i.logprob - 1e-6 for i in info)  # greedy picks the top token
+
+
+def test_a_stop_asked_before_the_stream_starts_is_honoured(smol):
+    conv = Conversation(smol)
+    gen = conv.send([MI.text("Tell me about rivers.")], GREEDY, 30)
+    conv.stop()  # the prefill that follows must not swallow it
+    assert "".join(gen) == ""
+    assert conv.last_stats.finish_reason == "stopped" and conv.turns[-1].token_ids == []
+    say(conv, "Hello")  # and nothing is left behind for the next action
+    assert conv.last_stats.finish_reason in ("eos", "length")
+
+
+def test_a_failed_forward_is_recovered_from_the_transcript(smol, monkeypatch):
+    conv = Conversation(smol)
+    say(conv, "Hi")
+    real = smol.forward
+    monkeypatch.setattr(smol, "forward", lambda *a: (_ for _ in ()).throw(RuntimeError("device lost")))
+    with pytest.raises(EngineError, match="device lost"):
+        say(conv, "Still there?")
+    monkeypatch.setattr(smol, "forward", real)
+    turns = [(t.role, t.text) for t in conv.turns]
+    say(conv, "Still there?")
+    assert conv.last_stats.fallback and conv.last_stats.reused == 0  # rebuilt, nothing lost
+    assert [(t.role, t.text) for t in conv.turns][: len(turns)] == turns
+    assert_fidelity(smol, conv)
+
+
+def test_step_by_step_reply_replays_from_its_recorded_seed(smol):
+    conv = Conversation(smol)
+    hot = SamplingConfig(temperature=1.0)
+    "".join(conv.send([MI.text("Pick a random word.")], hot, 1))  # start a reply, then step it
+    for _ in range(4):
+        conv.step(hot)
+    reply = conv.turns[-1]
+    assert len({reply.sampling["seed"]}) == 1 and len(reply.token_ids) >= 2
+    replay = SamplingConfig.from_dict(reply.sampling)
+    "".join(conv.regenerate(replay, len(reply.token_ids)))
+    assert conv.turns[-1].token_ids == reply.token_ids
+
+
+def test_token_info_stays_aligned_after_editing_a_reply(smol):
+    conv = Conversation(smol)
+    say(conv, "Say something.")
+    "".join(conv.edit(1, [MI.text("Well, I think")], GREEDY, 3))
+    reply = conv.turns[-1]
+    assert [i.id for i in reply.token_info] == reply.token_ids
+    assert reply.token_info[0].logprob is None and reply.token_info[-1].logprob is not None
+
+
+def test_a_template_that_cannot_render_a_lone_system_turn_does_not_lock_the_conversation(smol):
+    strict = (
+        "{% if messages | selectattr('role', 'equalto', 'user') | list | length == 0 %}"
+        "{{ raise_exception('No user query found in messages.') }}{% endif %}" + TEMPLATES["qwen2.5"]
+    )
+    conv = Conversation(smol, system_prompt="Be brief.", chat_template=strict)
+    say(conv, "Hi")
+    say(conv, "Again")  # the first action's span bookkeeping must not leave it locked
+    assert [t.role for t in conv.turns] == ["system", "user", "assistant", "user", "assistant"]
+    assert_fidelity(smol, conv, strict)
