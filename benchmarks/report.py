@@ -14,6 +14,64 @@ def _mm(s, fmt="{:.3f}"):
     return f"{_m(s, fmt=fmt)} ({_m(s, 'min', fmt)})" if isinstance(s, dict) and s.get("median") is not None else "–"
 
 
+def paired(a: dict, b: dict, key: str) -> float | None:
+    """Median over repetitions of a[key][i] / b[key][i]: peers ran back to back in
+    each repetition, so the paired ratio cancels most of the background load."""
+    try:
+        va, vb = a[key]["values"], b[key]["values"]
+    except (KeyError, TypeError):
+        return None
+    rs = sorted(x / y for x, y in zip(va, vb) if y)
+    if not rs:
+        return None
+    mid = len(rs) // 2
+    return rs[mid] if len(rs) % 2 else (rs[mid - 1] + rs[mid]) / 2
+
+
+def paired_ratios(r: dict) -> dict:
+    """The headline same-run ratios, paired by repetition."""
+    out = {}
+    d = r.get("decode") or {}
+    if "session_decode_one" in d:
+        nt = r.get("engine", {}).get("num_threads")
+        pairs = {
+            "decode_one / raw loop, tok/s (main thread)": ("session_decode_one", "raw_forward_loop", "tok_s"),
+            "decode_one / raw loop, tok/s (worker thread)": ("session_decode_one_worker", "raw_forward_loop_worker",
+                                                             "tok_s"),
+            "decode_one (worker) / generate()+streamer, tok/s": ("session_decode_one_worker", "generate_streamer",
+                                                                 "tok_s"),
+            "decode_one (worker) / generate()+streamer, TTFT": ("session_decode_one_worker", "generate_streamer",
+                                                                "ttft_s"),
+            f"raw loop decode on 1 thread / on {nt} threads (main)": (
+                "raw_forward_loop", f"raw_forward_loop_{nt}_threads_decode", "tok_s"),
+            f"raw loop decode on 1 thread / on {nt} threads (worker)": (
+                "raw_forward_loop_worker", f"raw_forward_loop_{nt}_threads_decode_worker", "tok_s"),
+        }
+        for name, (a, b, k) in pairs.items():
+            if a in d and b in d:
+                out[name] = paired(d[a], d[b], k)
+    u = r.get("ui") or {}
+    if "playground_ui" in u:
+        out["UI client tok/s: playground / demo (stock model)"] = paired(
+            u["playground_ui"], u["demo_generate_streamer_stock"], "client_tok_s")
+        out["UI client tok/s: playground / demo (engine's model)"] = paired(
+            u["playground_ui"], u["demo_generate_streamer_engine_model"], "client_tok_s")
+        out["UI: playground client tok/s / its server-side tok/s"] = paired(
+            u["playground_ui"], u["playground_ui"] | {"client_tok_s": u["playground_ui"]["server_tok_s"]},
+            "client_tok_s")
+    mt = r.get("multiturn") or {}
+    if mt.get("last_turn_ratio_per_rep"):
+        rs = sorted(mt["last_turn_ratio_per_rep"])
+        out[f"turn-{mt['turns']} TTFT / generate() re-send"] = rs[len(rs) // 2]
+    for L, row in (r.get("regen") or {}).items():
+        if isinstance(row, dict) and "regenerate_ttft_s" in row:
+            out[f"regenerate TTFT / generate() re-prefill at {row['history_tokens']}"] = paired(
+                row, row | {"regenerate_ttft_s": row["generate_reprefill_ttft_s"]}, "regenerate_ttft_s")
+            out[f"edit TTFT / generate() re-prefill at {row['history_tokens']}"] = paired(
+                row, row | {"edit_ttft_s": row["generate_reprefill_ttft_s"]}, "edit_ttft_s")
+    return out
+
+
 def targets(r: dict) -> list[tuple[str, float | None, str, bool | None]]:
     """(target, measured ratio or value, threshold text, met)."""
     out = []
@@ -112,7 +170,13 @@ def table(r: dict) -> str:
             v = g["llama_cpp_q4_1"]
             lines.append(f"Q4_1, {g['threads']} threads: TTFT {_mm(v['ttft_s'])} s, {_mm(v['tok_s'], '{:.1f}')} tok/s")
         lines.append("")
-    lines += ["### Targets", "| target | measured | wanted | met |", "|---|---|---|---|"]
+    pr = paired_ratios(r)
+    if pr:
+        lines += ["### Same-run ratios, paired by repetition (median of per-repetition ratios)",
+                  "| ratio | value |", "|---|---|"]
+        lines += [f"| {k} | {'–' if v is None else f'{v:.3f}'} |" for k, v in pr.items()]
+        lines.append("")
+    lines += ["### Targets (ratios of medians)", "| target | measured | wanted | met |", "|---|---|---|---|"]
     for name, value, want, met in targets(r):
         val = "–" if value is None else f"{value:.3f}"
         lines.append(f"| {name} | {val} | {want} | {'–' if met is None else ('yes' if met else 'NO')} |")
@@ -120,3 +184,11 @@ def table(r: dict) -> str:
     if errs:
         lines += ["", "Errors: " + "; ".join(errs)]
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m benchmarks.report benchmarks/out/results.json
+    import json
+    import sys
+
+    with open(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/out/results.json") as f:
+        print(table(json.load(f)))

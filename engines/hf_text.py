@@ -162,6 +162,8 @@ class HFTextEngine(Engine):
 
     def forward(self, ids: list[int], cache, extras: dict, session) -> torch.Tensor:
         """One forward of `ids` on `cache`; returns the last position's logits."""
+        if not getattr(self, "_gemv_layout_done", False):
+            use_gemv_layout(self)
         use_threads(self, len(ids))
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **extras)
@@ -414,6 +416,33 @@ def decode_threads(engine) -> int:
     if env:
         return max(1, int(env))
     return 1 if engine.device.type == "cpu" else engine.num_threads
+
+
+GEMV_LAYOUT_ENV = "PLAYGROUND_GEMV_LAYOUT"
+
+
+def use_gemv_layout(engine) -> int:
+    """Once per engine, on CPU in fp32: keep each `nn.Linear` weight in column-major
+    memory (same module, shape, values and tying; `w.t().contiguous().t()`).
+
+    Why (benchmarks/RESULTS.md): a decode step is one-row matrix products, and
+    torch's fp32 one-row `linear` is ~1.8x faster on this layout (the 49,152x576 LM
+    head: 10 ms -> 5.5 ms); a whole decode step 18 % faster, prefill unchanged, same
+    greedy tokens. Called under the engine's lock. $PLAYGROUND_GEMV_LAYOUT=0 turns it
+    off. Returns how many weights it re-laid.
+    """
+    engine._gemv_layout_done = True
+    if (os.environ.get(GEMV_LAYOUT_ENV, "1") == "0" or engine.device.type != "cpu"
+            or engine.dtype != torch.float32):
+        return 0
+    n = 0
+    with torch.inference_mode(False), torch.no_grad():  # plain tensors, usable outside inference mode too
+        for module in engine.model.modules():
+            w = getattr(module, "weight", None)
+            if isinstance(module, torch.nn.Linear) and w is not None and w.dim() == 2 and w.is_contiguous():
+                w.data = w.data.t().contiguous().t()
+                n += 1
+    return n
 
 
 def use_threads(engine, n_tokens: int) -> None:
