@@ -87,6 +87,7 @@ class HFTextEngine(Engine):
         kv_per_token = _kv_bytes_per_token(text_cfg, self.dtype)
         self.capacity = ServingCapacity(max_sessions, limit, kv_per_token, kv_per_token * limit)
         self.lock = threading.Lock()  # serialises forwards on the shared weights
+        use_gemv_layout(self)  # at load: the engine never changes after it
         self._slots = threading.BoundedSemaphore(max_sessions)
         self._open = 0
         self._open_lock = threading.Lock()
@@ -162,8 +163,6 @@ class HFTextEngine(Engine):
 
     def forward(self, ids: list[int], cache, extras: dict, session) -> torch.Tensor:
         """One forward of `ids` on `cache`; returns the last position's logits."""
-        if not getattr(self, "_gemv_layout_done", False):
-            use_gemv_layout(self)
         use_threads(self, len(ids))
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **extras)
@@ -428,10 +427,9 @@ def use_gemv_layout(engine) -> int:
     Why (benchmarks/RESULTS.md): a decode step is one-row matrix products, and
     torch's fp32 one-row `linear` is ~1.8x faster on this layout (the 49,152x576 LM
     head: 10 ms -> 5.5 ms); a whole decode step 18 % faster, prefill unchanged, same
-    greedy tokens. Called under the engine's lock. $PLAYGROUND_GEMV_LAYOUT=0 turns it
-    off. Returns how many weights it re-laid.
+    greedy tokens. $PLAYGROUND_GEMV_LAYOUT=0 turns it
+    off. Returns how many weights it re-laid. Called once, while the engine loads.
     """
-    engine._gemv_layout_done = True
     if (os.environ.get(GEMV_LAYOUT_ENV, "1") == "0" or engine.device.type != "cpu"
             or engine.dtype != torch.float32):
         return 0
