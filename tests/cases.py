@@ -34,6 +34,19 @@ def chat_prompts(engine: Engine) -> list[list[MI]]:
     return [engine.render([{"role": "user", "content": q}]) for q in questions]
 
 
+def greedy_ids(session, n: int) -> list[int]:
+    """Up to `n` greedy tokens from `session`, ending at EOS or a stop step."""
+    from engines import SamplingConfig
+
+    out = []
+    for _ in range(n):
+        r = session.decode_one(SamplingConfig())
+        if r.is_terminal:
+            break
+        out.append(r.token_id)
+    return out
+
+
 @functools.lru_cache(maxsize=None)
 def default_engine() -> Engine:
     """The real embedded default, loaded once per test run."""

@@ -16,6 +16,7 @@ from engines import ContextFull, EngineError, InvalidArgument, MultimodalInput a
 from engines import load_engine
 from playground import Conversation
 from playground.prefix import common_prefix
+from tests.cases import greedy_ids
 
 GREEDY = SamplingConfig()
 N = 6  # tokens per reply: enough to be a reply, cheap on 2 cores
@@ -78,13 +79,7 @@ def greedy_from(engine, ids, n):
     """A fresh session's greedy tokens after prefilling `ids`."""
     with engine.create_session() as s:
         s.prefill([MI.tokens(ids)])
-        out = []
-        for _ in range(n):
-            r = s.decode_one(GREEDY)
-            if r.is_terminal:
-                break
-            out.append(r.token_id)
-        return out
+        return greedy_ids(s, n)
 
 
 @pytest.mark.parametrize("name", list(TEMPLATES))

@@ -8,20 +8,10 @@ import torch
 
 from engines import ContextFull, MultimodalInput as MI, SamplingConfig, load_engine
 from engines.detok import StreamDecoder
+from tests.cases import greedy_ids
 
 GREEDY = SamplingConfig()
 PROMPTS = ["What is the capital of France?", "Write a short poem about autumn.", "Explain what a CPU does."]
-
-
-def greedy_loop(session, n):
-    out = []
-    for _ in range(n):
-        r = session.decode_one(GREEDY)
-        if r.is_terminal:
-            break
-        out.append(r.token_id)
-    return out
-
 
 @pytest.mark.parametrize("question", PROMPTS)
 def test_greedy_decode_one_loop_equals_generate(smol, question):
@@ -29,7 +19,7 @@ def test_greedy_decode_one_loop_equals_generate(smol, question):
     ids = smol.tokenize(prompt)
     with smol.create_session() as s:
         s.prefill(prompt)
-        got = greedy_loop(s, 32)
+        got = greedy_ids(s, 32)
     with torch.inference_mode():
         out = smol.model.generate(
             torch.tensor([ids], device=smol.device), max_new_tokens=32, do_sample=False,
@@ -40,17 +30,15 @@ def test_greedy_decode_one_loop_equals_generate(smol, question):
         want = want[:-1]  # EOS is returned by decode_one but never made resident
     assert got == want
 
-
 def test_pending_logits_equal_a_no_cache_forward(smol):
     prompt = smol.render([{"role": "user", "content": PROMPTS[0]}])
     with smol.create_session() as s:
         s.prefill(prompt)
-        greedy_loop(s, 16)
+        greedy_ids(s, 16)
         with torch.inference_mode():
             ref = smol.model(torch.tensor([s.tokens], device=smol.device), use_cache=False).logits[0, -1]
         err = (ref.float() - s.pending_logits.float()).abs().max().item()
         assert err < 2e-3, f"cached decode drifts from a no-cache forward by {err}"
-
 
 def test_a_real_eos_is_returned_and_not_made_resident(smol):
     prompt = smol.render([{"role": "user", "content": "Reply with only the word: yes"}])
@@ -65,13 +53,11 @@ def test_a_real_eos_is_returned_and_not_made_resident(smol):
         assert r.token_id in smol.eos_token_ids
         assert s.tokens == before and r.token_id not in s.tokens[len(smol.tokenize(prompt)):]
 
-
 SPLIT_TEXTS = [
     "Hi 👋🏽! Family: 👨‍👩‍👧‍👦 and 🤖.",
     "日本語のテキスト、中文字符和한국어.",
     "naïve café — “quotes” ≠ ascii ✓",
 ]
-
 
 class _NoBackend:
     """The same tokenizer seen through `decode` only: exercises the fallback path."""
@@ -81,7 +67,6 @@ class _NoBackend:
 
     def decode(self, ids, skip_special_tokens=False):
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
-
 
 @pytest.mark.parametrize("backend", ["decode_stream", "offsets"])
 @pytest.mark.parametrize("text", SPLIT_TEXTS)
@@ -102,7 +87,6 @@ def test_streamed_pieces_never_break_a_character(smol, text, backend):
             assert shown == full, f"after {k} ids"
     assert shown == text
 
-
 def test_a_real_replys_pieces_concatenate_to_its_decoded_ids(smol):
     prompt = smol.render([{"role": "user", "content": "Write two emoji and a Chinese word."}])
     with smol.create_session() as s:
@@ -116,7 +100,6 @@ def test_a_real_replys_pieces_concatenate_to_its_decoded_ids(smol):
             text += r.text_piece
     assert "\ufffd" not in text
     assert text == smol.tokenizer.decode(ids).rstrip("\ufffd")
-
 
 def test_context_full_is_detected_up_front_with_the_numbers():
     small = load_engine("smollm2", max_context=24)
@@ -138,7 +121,6 @@ def test_context_full_is_detected_up_front_with_the_numbers():
         r = s.decode_one(GREEDY)
         assert s.position == 20 + (0 if r.is_eos else 1)
 
-
 def test_render_splices_exact_reply_ids(smol):
     odd = smol.tokenize([MI.text(" Hello")]) + smol.tokenize([MI.text("world")])  # not how "Hello world" tokenizes
     inputs = smol.render(
@@ -148,7 +130,6 @@ def test_render_splices_exact_reply_ids(smol):
     spliced = [i for i in inputs if i.kind == "tokens"]
     assert len(spliced) == 1 and list(spliced[0].value) == odd
     assert "ignored" not in "".join(i.value for i in inputs if i.kind == "text")
-
 
 def test_top_logprobs_describe_the_last_step(smol):
     with smol.create_session() as s:

@@ -17,6 +17,7 @@ from PIL import Image
 
 from engines import InvalidArgument, MultimodalInput as MI, NotSupported, SamplingConfig
 from engines.media import load_image
+from tests.cases import greedy_ids
 from tests.tiny_models import BUILDERS, image, image_bytes, tiny_engine, tone
 
 GREEDY = SamplingConfig()
@@ -25,40 +26,24 @@ FAMILIES = list(BUILDERS)
 IMAGE_FAMILIES = [f for f, (_, kind) in BUILDERS.items() if kind == "image"]
 AUDIO_FAMILIES = [f for f, (_, kind) in BUILDERS.items() if kind == "audio"]
 
-
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request):
     return request.param, BUILDERS[request.param][1], tiny_engine(request.param)
 
-
 def medium(kind, seed, **kw):
     return MI.image(image(seed, **kw)) if kind == "image" else MI.audio(tone(seed, **kw), 16000)
 
-
 def prompt_with(kind, seed, **kw):
     return [MI.text("Look:"), medium(kind, seed, **kw), MI.text(" What is it?")]
-
-
-def greedy(s, n):
-    out = []
-    for _ in range(n):
-        r = s.decode_one(GREEDY)
-        if r.is_terminal:
-            break
-        out.append(r.token_id)
-    return out
-
 
 def fresh(engine, inputs):
     s = engine.create_session()
     s.prefill(inputs)
     return s
 
-
 def close(a, b, atol=ATOL):
     err = (a.double() - b.double()).abs().max().item()
     assert err <= atol, f"logits differ by {err:.2e}"
-
 
 def full_forward(engine, ids, extras):
     """The reference: the model on the whole sequence, no cache, with media features."""
@@ -77,9 +62,7 @@ def full_forward(engine, ids, extras):
     logits[sorted(engine.placeholder_ids)] = torch.finfo(logits.dtype).min
     return logits
 
-
 # --------------------------------------------------------------------------- oracle
-
 
 def test_decode_logits_equal_a_no_cache_full_forward_with_features(family):
     name, kind, engine = family
@@ -89,7 +72,7 @@ def test_decode_logits_equal_a_no_cache_full_forward_with_features(family):
     with engine.create_session() as s:
         s.prefill(prompt[:2])  # chunked: the second medium arrives in a later prefill
         s.prefill(prompt[2:])
-        gen = greedy(s, 6)
+        gen = greedy_ids(s, 6)
         prep = engine.prepare(prompt)
         assert s.tokens == prep.ids + gen
         want = full_forward(engine, s.tokens, prep.extras)
@@ -100,7 +83,6 @@ def test_decode_logits_equal_a_no_cache_full_forward_with_features(family):
                                       medium(kind, 3, **other), MI.text(" now.")])
             assert changed.ids == prep.ids
             assert (full_forward(engine, s.tokens, changed.extras) - want).abs().max() > 1e-6
-
 
 @pytest.mark.parametrize("fam", ["idefics3", "gemma3n_audio", "qwen2_vl", "llava"])
 def test_merged_features_equal_the_processor_on_all_media_at_once(fam):
@@ -117,7 +99,6 @@ def test_merged_features_equal_the_processor_on_all_media_at_once(fam):
     for k, v in ours.items():
         assert torch.equal(v, theirs[k]), k
 
-
 def test_media_spans_cover_exactly_the_expanded_blocks(family):
     name, kind, engine = family
     prompt = prompt_with(kind, 1)
@@ -128,15 +109,13 @@ def test_media_spans_cover_exactly_the_expanded_blocks(family):
         assert set(block) & engine.placeholder_ids
         assert not set(s.tokens[: len(head)]) & engine.placeholder_ids
 
-
 # --------------------------------------------------------------------------- seek
-
 
 def test_seek_around_and_after_a_media_block_equals_a_fresh_session(family):
     name, kind, engine = family
     prompt = prompt_with(kind, 1)
     with fresh(engine, prompt) as s:
-        greedy(s, 4)
+        greedy_ids(s, 4)
         (a, b), = s.media_spans
         ids = s.tokens
     refs = {
@@ -147,14 +126,13 @@ def test_seek_around_and_after_a_media_block_equals_a_fresh_session(family):
     }
     for pos, inputs in refs.items():
         with fresh(engine, prompt) as s, fresh(engine, inputs) as ref:
-            greedy(s, 4)
+            greedy_ids(s, 4)
             assert s.can_seek(pos)
             s.seek(pos)
             assert s.tokens == ids[:pos]
             assert s.media_spans == ([(a, b)] if pos >= b else [])
             close(s.pending_logits, ref.pending_logits)
-            assert greedy(s, 3) == greedy(ref, 3)
-
+            assert greedy_ids(s, 3) == greedy_ids(ref, 3)
 
 def test_seek_into_a_media_block_is_refused_and_changes_nothing(family):
     name, kind, engine = family
@@ -168,7 +146,6 @@ def test_seek_into_a_media_block_is_refused_and_changes_nothing(family):
         assert s.tokens == before[0]
         assert torch.equal(s.pending_logits, before[1])
         assert s.can_seek(a) and s.can_seek(b)
-
 
 def test_gemma3_sliding_window_floor_is_announced_by_can_seek():
     engine = tiny_engine("gemma3")
@@ -192,9 +169,7 @@ def test_gemma3_sliding_window_floor_is_announced_by_can_seek():
         assert s.position == deep and s.can_seek(0) and s.can_seek(deep)
         assert not s.can_seek(b)  # the media block's end is below the floor too
 
-
 # --------------------------------------------------------------------------- sessions
-
 
 def test_two_sessions_with_different_media_interleaved_equal_their_solo_runs(family):
     name, kind, engine = family
@@ -205,7 +180,7 @@ def test_two_sessions_with_different_media_interleaved_equal_their_solo_runs(fam
     for p, seed in ((pa, 6), (pb, 7)):
         with fresh(engine, p) as s:
             s.prefill(more(seed))
-            solo.append((greedy(s, 6), s.tokens, s.pending_logits.clone()))
+            solo.append((greedy_ids(s, 6), s.tokens, s.pending_logits.clone()))
     a, b = engine.create_session(), engine.create_session()
     a.prefill(pa), b.prefill(pb), a.prefill(more(6)), b.prefill(more(7))
     got = [[], []]
@@ -217,7 +192,6 @@ def test_two_sessions_with_different_media_interleaved_equal_their_solo_runs(fam
         close(s.pending_logits, solo[k][2])
     a.close(), b.close()
     assert (solo[0][2] - solo[1][2]).abs().max() > 1e-6  # the media made a difference
-
 
 def test_qwen2_vl_rope_deltas_live_in_the_session():
     engine = tiny_engine("qwen2_vl")
@@ -233,9 +207,7 @@ def test_qwen2_vl_rope_deltas_live_in_the_session():
         a.seek(s0)
         assert a.rope_deltas == 0
 
-
 # --------------------------------------------------------------------------- media identity
-
 
 def test_a_changed_image_with_identical_ids_has_a_different_key_and_logits():
     engine = tiny_engine("llava")
@@ -246,7 +218,6 @@ def test_a_changed_image_with_identical_ids_has_a_different_key_and_logits():
     with fresh(engine, [MI.text("x"), one]) as a, fresh(engine, [MI.text("x"), two]) as b:
         assert a.tokens == b.tokens
         assert (a.pending_logits - b.pending_logits).abs().max() > 1e-6
-
 
 @pytest.mark.parametrize("fam", ["qwen2_vl", "qwen2_audio"])
 def test_a_conversation_never_reuses_the_cache_past_a_changed_medium(fam):
@@ -267,14 +238,12 @@ def test_a_conversation_never_reuses_the_cache_past_a_changed_medium(fam):
         conv.session.seek(ref.position)  # the cached prompt holds the new medium's features
         close(conv.session.pending_logits, ref.pending_logits)
 
-
 def test_a_changed_audio_with_identical_ids_has_a_different_key_and_logits():
     engine = tiny_engine("qwen2_audio")
     one, two = MI.audio(tone(1), 16000), MI.audio(tone(2), 16000)
     assert engine.tokenize([one]) == engine.tokenize([two]) and one != two
     with fresh(engine, [MI.text("x"), one]) as a, fresh(engine, [MI.text("x"), two]) as b:
         assert (a.pending_logits - b.pending_logits).abs().max() > 1e-6
-
 
 # --------------------------------------------------------------------------- rendering
 
@@ -285,7 +254,6 @@ PARTS_ONLY = (
     "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
-
 
 def test_render_keeps_media_in_order_for_a_template_that_iterates_parts():
     engine = tiny_engine("idefics3")
@@ -306,9 +274,7 @@ def test_render_keeps_media_in_order_for_a_template_that_iterates_parts():
     with fresh(engine, inputs) as s:
         assert s.tokens == engine.tokenize(inputs) and len(s.media_spans) == 2
 
-
 # --------------------------------------------------------------------------- image inputs
-
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF"])
 def test_image_formats_paths_and_bytes_are_accepted(fmt, tmp_path):
@@ -320,7 +286,6 @@ def test_image_formats_paths_and_bytes_are_accepted(fmt, tmp_path):
     for value in (data, str(path), path):
         assert engine.tokenize([MI.image(value)]) == want
 
-
 def test_an_animated_gif_uses_its_first_frame():
     engine = tiny_engine("llava")
     buf = io.BytesIO()
@@ -329,7 +294,6 @@ def test_an_animated_gif_uses_its_first_frame():
     got = engine.prepare([MI.image(buf.getvalue())]).extras["pixel_values"]
     want = engine.prepare([MI.image(first)]).extras["pixel_values"]
     assert torch.equal(got, want)
-
 
 def test_a_large_image_is_downscaled_to_what_the_processor_keeps():
     big = Image.new("RGB", (3000, 2000), (10, 200, 30))
@@ -342,7 +306,6 @@ def test_a_large_image_is_downscaled_to_what_the_processor_keeps():
         with fresh(engine, [MI.text("x"), MI.image(big)]) as s:
             assert s.media_spans
 
-
 def _bad_images(tmp_path):
     fake = tmp_path / "notes.png"
     fake.write_text("these are not pixels")
@@ -353,7 +316,6 @@ def _bad_images(tmp_path):
     yield "missing file", MI.image(str(tmp_path / "nope.png")), "input 1: image file not found"
     yield "bmp", MI.image(bmp.getvalue()), "input 1: image format BMP is not supported"
     yield "wrong type", MI("image", 12345), "input 1: an image must be a PIL image, a path or bytes"
-
 
 @pytest.mark.parametrize("fam", IMAGE_FAMILIES)
 def test_bad_images_raise_invalid_argument_naming_the_input(fam, tmp_path):
@@ -369,15 +331,12 @@ def test_bad_images_raise_invalid_argument_naming_the_input(fam, tmp_path):
     with pytest.raises(InvalidArgument, match="must be a PIL image"):
         MI.image(3.5)
 
-
 def test_text_holding_a_placeholder_token_is_refused():
     engine = tiny_engine("llava")
     with pytest.raises(InvalidArgument, match="input 0 holds the media placeholder"):
         engine.tokenize([MI.text("sneaky <image> text")])
 
-
 # --------------------------------------------------------------------------- audio inputs
-
 
 @pytest.mark.parametrize("fam", AUDIO_FAMILIES)
 @pytest.mark.parametrize("fmt", ["WAV", "FLAC", "OGG"])
@@ -396,7 +355,6 @@ def test_sound_files_stereo_and_other_rates_are_read_and_resampled(fmt, fam, tmp
     both = engine.prepare([MI.audio(stereo, rate)]).extras["input_features"]
     assert torch.equal(mono, both)
 
-
 def _bad_audio(tmp_path, limit):
     fake = tmp_path / "song.wav"
     fake.write_text("not a sound")
@@ -407,7 +365,6 @@ def _bad_audio(tmp_path, limit):
     yield "too long", MI.audio(tone(1, seconds=limit + 1), 16000), r"input 1: audio of .* s exceeds the limit"
     yield "nan", MI.audio(np.full(800, np.nan, np.float32), 16000), "input 1: audio holds NaN"
     yield "wrong type", MI("audio", [0.1, 0.2], 16000), "input 1: audio must be a numpy waveform or a path"
-
 
 @pytest.mark.parametrize("fam", AUDIO_FAMILIES)
 def test_bad_audio_raises_invalid_argument_naming_the_input(fam, tmp_path):
@@ -421,11 +378,9 @@ def test_bad_audio_raises_invalid_argument_naming_the_input(fam, tmp_path):
         with pytest.raises(NotSupported, match="input 0 is image"):
             s.prefill([MI.image(image(1))])
 
-
 def test_modalities_come_from_model_and_processor():
     for fam, (_, kind) in BUILDERS.items():
         assert tiny_engine(fam).modalities == {"text", "tokens", kind}, fam
-
 
 def test_voxtral_is_refused_at_load_with_the_reason(tmp_path):
     from transformers import VoxtralConfig
@@ -436,14 +391,13 @@ def test_voxtral_is_refused_at_load_with_the_reason(tmp_path):
     with pytest.raises(NotSupported, match="Voxtral's processor"):
         load_engine(str(tmp_path), device="cpu")
 
-
 def test_gemma3n_with_shared_kv_layers_decodes_seeks_and_sizes_its_cache():
     engine = tiny_engine("gemma3n_audio_shared_kv")
     cfg = engine.model.config.get_text_config()
     assert cfg.num_kv_shared_layers == 2
     prompt = prompt_with("audio", 1)
     with fresh(engine, prompt) as s:
-        gen = greedy(s, 5)
+        gen = greedy_ids(s, 5)
         close(s.pending_logits, full_forward(engine, s.tokens, engine.prepare(prompt).extras))
         held = sum(l.keys.nbytes + l.values.nbytes for l in s._cache.layers if getattr(l, "keys", None) is not None)
         assert held / s.position == engine.capacity.kv_bytes_per_token  # shared layers store nothing
@@ -451,5 +405,5 @@ def test_gemma3n_with_shared_kv_layers_decodes_seeks_and_sizes_its_cache():
         s.seek(b + 1)
         with fresh(engine, [MI.tokens(s.tokens[:a]), prompt[1], MI.tokens(s.tokens[b:])]) as ref:
             close(s.pending_logits, ref.pending_logits)
-            assert greedy(s, 4) == greedy(ref, 4)
+            assert greedy_ids(s, 4) == greedy_ids(ref, 4)
         assert gen
