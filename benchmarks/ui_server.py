@@ -1,13 +1,13 @@
-"""The server side of (e): the real playground (`playground.ui.build_ui`) and the
-usual demo (generate() + TextIteratorStreamer in a Gradio handler), launched in
-one process on two ports. Prints `UI_READY {json}` and serves until stdin closes.
+"""The server side of (e): one app per process, as it would be deployed. Either
+the real playground (`playground.ui.build_ui`) or the usual demo (generate() +
+TextIteratorStreamer in a Gradio handler) on a stock model or on the engine's.
+Prints `UI_READY <url>` and serves until stdin closes.
 
-    python -m benchmarks.ui_server
+    python -m benchmarks.ui_server playground|demo_stock_model|demo_engine_model
 """
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sys
@@ -74,7 +74,10 @@ def demo_app(tokenizer, model, title: str):
     return demo
 
 
-def main() -> None:
+APPS = ("playground", "demo_stock_model", "demo_engine_model")
+
+
+def main(name: str) -> None:
     from transformers import AutoModelForCausalLM
 
     from engines import load_engine
@@ -82,27 +85,22 @@ def main() -> None:
     from playground.ui import build_ui, launch
 
     engine = load_engine("smollm2", max_sessions=8)
-    source, _ = _resolve(DEFAULT_SPEC)
-    # The usual demo loads its own model with from_pretrained, default layout and threads.
-    stock = AutoModelForCausalLM.from_pretrained(source, dtype=engine.dtype).eval()
-    apps = {
-        "playground": build_ui(engine),
-        "demo_stock_model": demo_app(engine.tokenizer, stock, "generate() demo, stock model"),
-        "demo_engine_model": demo_app(engine.tokenizer, engine.model, "generate() demo, the engine's model"),
-    }
-    urls = {}
-    for name, app in apps.items():
-        port = free_port()
-        if name == "playground":
-            launch(app, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-        else:
-            app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-        urls[name] = f"http://127.0.0.1:{port}"
-    print("UI_READY " + json.dumps(urls), flush=True)
+    port = free_port()
+    if name == "playground":
+        app = build_ui(engine)
+        launch(app, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    else:
+        model = engine.model
+        if name == "demo_stock_model":  # the usual demo loads its own model: default layout and threads
+            model = AutoModelForCausalLM.from_pretrained(_resolve(DEFAULT_SPEC)[0], dtype=engine.dtype).eval()
+        app = demo_app(engine.tokenizer, model, name)
+        app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    print(f"UI_READY http://127.0.0.1:{port}", flush=True)
     sys.stdin.read()  # serve until the parent closes our stdin
-    for app in apps.values():
-        app.close()
+    app.close()
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) != 2 or sys.argv[1] not in APPS:
+        sys.exit(f"usage: python -m benchmarks.ui_server {{{'|'.join(APPS)}}}")
+    main(sys.argv[1])

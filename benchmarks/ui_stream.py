@@ -1,13 +1,18 @@
 """(e) UI streaming: tokens per second a `gradio_client` sees from the real
 playground app and from the usual demo (generate() + TextIteratorStreamer in a
-Gradio handler), measured in the same run against the same server process
-(`benchmarks.ui_server`), plus the engine's own rate for the same request."""
+Gradio handler), in the same run, plus each server's own rate for the request.
+
+Each app runs in its own server process (`benchmarks.ui_server`), as deployed.
+The servers not being measured are paused (SIGSTOP): an idle Gradio queue polls
+every millisecond, and on two cores that polling would slow the measured app.
+"""
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -55,42 +60,66 @@ def _timed(job, chat_index: int, stats_index: int) -> dict:
             "server_tok_s": server, "tokens": n, "updates": len(stamps)}
 
 
+class Server:
+    """One `benchmarks.ui_server` process; paused except while measured."""
+
+    def __init__(self, app: str):
+        env = dict(os.environ, PYTHONPATH=ROOT, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
+        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.ui_server", app], cwd=ROOT, env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.url = next((line.split()[1] for line in self.proc.stdout if line.startswith("UI_READY ")), None)
+        if self.url is None:
+            raise RuntimeError(f"the {app} UI server did not start")
+
+    @contextlib.contextmanager
+    def running(self):
+        self.proc.send_signal(signal.SIGCONT)
+        try:
+            yield
+        finally:
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def close(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+        except Exception:  # noqa: BLE001
+            self.proc.kill()
+
+
 def run(reps: int, n_tokens: int) -> dict:
     from gradio_client import Client
 
-    env = dict(os.environ, PYTHONPATH=ROOT, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
-    server = subprocess.Popen([sys.executable, "-m", "benchmarks.ui_server"], cwd=ROOT, env=env,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    servers = {}
     try:
-        urls = None
-        for line in server.stdout:
-            if line.startswith("UI_READY "):
-                urls = json.loads(line[len("UI_READY "):])
-                break
-        if urls is None:
-            raise RuntimeError("the UI server did not start")
-        play = Client(urls["playground"], verbose=False)
-        stock = Client(urls["demo_stock_model"], verbose=False)
-        shared = Client(urls["demo_engine_model"], verbose=False)
+        for app in ("playground", "demo_stock_model", "demo_engine_model"):
+            servers[app] = Server(app)
+        clients = {app: Client(srv.url, verbose=False) for app, srv in servers.items()}
+        for srv in servers.values():
+            srv.proc.send_signal(signal.SIGSTOP)
         greedy = dict(temperature=0, top_p=1, top_k=0, rep=1, seed=0, stops="", system_prompt="", raw=False)
 
         def playground() -> dict:
-            play.predict(system_prompt="", raw=False, stored={"messages": []}, api_name="/reset")
-            job = play.submit({"text": PROMPT, "files": []}, **greedy, max_new=n_tokens,
-                              stored={"messages": []}, api_name="/send")
-            return _timed(job, 0, 3)  # outputs: chatbot, box, status, context (stats line), ...
+            play = clients["playground"]
+            with servers["playground"].running():
+                play.predict(system_prompt="", raw=False, stored={"messages": []}, api_name="/reset")
+                job = play.submit({"text": PROMPT, "files": []}, **greedy, max_new=n_tokens,
+                                  stored={"messages": []}, api_name="/send")
+                return _timed(job, 0, 3)  # outputs: chatbot, box, status, context (stats line), ...
 
-        def demo(client):
-            return lambda: _timed(client.submit(PROMPT, n_tokens, api_name="/chat"), 0, 1)
+        def demo(app):
+            def once():
+                with servers[app].running():
+                    return _timed(clients[app].submit(PROMPT, n_tokens, api_name="/chat"), 0, 1)
+            return once
 
-        res = summarise(interleaved(reps, {"playground_ui": playground, "demo_generate_streamer_stock": demo(stock),
-                                           "demo_generate_streamer_engine_model": demo(shared)}))
+        res = summarise(interleaved(reps, {"playground_ui": playground,
+                                           "demo_generate_streamer_stock": demo("demo_stock_model"),
+                                           "demo_generate_streamer_engine_model": demo("demo_engine_model")}))
     finally:
-        try:
-            server.stdin.close()
-            server.wait(timeout=30)
-        except Exception:  # noqa: BLE001
-            server.kill()
+        for srv in servers.values():
+            srv.close()
     med = lambda c, k: res[c][k]["median"]  # noqa: E731
     res["ratios"] = {
         "playground_vs_demo_stock_client_tok_s": med("playground_ui", "client_tok_s")

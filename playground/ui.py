@@ -92,6 +92,7 @@ def build_ui(engine, *, max_sessions: int | None = None, max_new_tokens_cap: int
         ctx_in = [system_prompt, raw, stored]
         outs = [chatbot, box, status, context, tokens, stop_btn, regen_btn, continue_btn, step_btn, reset_btn,
                 import_btn, stored]
+        h.button_labels = tuple(b.value for b in outs[5:10])
         gen_kw = dict(outputs=outs, concurrency_id="generate", concurrency_limit=max_sessions, show_progress="hidden")
         quick_kw = dict(outputs=outs, concurrency_limit=None, show_progress="hidden")
 

@@ -16,12 +16,16 @@ import time
 import gradio as gr
 
 from engines import ContextFull, EngineError, MultimodalInput
+from playground.ahead import Ahead
 from playground.sessions import Busy, SessionManager, Tab, TabBusy
 from playground.ui_inputs import BadInput, clamp_new_tokens, make_sampling, parse_box, parse_stop_strings
 from playground.ui_render import chat_messages, context_html, part_text, tokens_html, turn_for_display_index
 
 log = logging.getLogger("playground.ui")
 EMPTY_BOX = {"text": "", "files": []}
+# At most 20 renders a second while streaming: smooth to the eye, and a render's cost
+# grows with the chat's length while a decode step's barely does.
+RENDER_INTERVAL_S = 0.05
 TRANSCRIPT_FORMAT = "llm-playground-transcript"
 
 
@@ -80,6 +84,7 @@ class Handlers:
         self.model = engine.name
         self.max_new_tokens_cap = max_new_tokens_cap
         self.max_file_mb = max_file_mb
+        self.button_labels = ("Stop", "Regenerate", "Continue", "Step", "Reset")  # build_ui sets them from the widgets
 
     # ------------------------------------------------------------------ helpers
 
@@ -103,7 +108,7 @@ class Handlers:
 
     def view(self, tab: Tab | None, status: str = "", box=None, streaming: bool | None = None, save: bool = False):
         """One update for the outputs `build_ui` wires: chatbot, box, status, context, tokens,
-        Stop + 5 action buttons, and the browser-stored transcript. `None` leaves a widget as it is."""
+        Stop + 4 action buttons + Import, and the browser-stored transcript. `None` leaves a widget as it is."""
         skip = gr.skip()
         if tab is None:
             chat = ctx = toks = skip
@@ -111,11 +116,23 @@ class Handlers:
             chat, ctx = chat_messages(tab.conv), context_html(tab.conv, self.max_context, running=bool(streaming))
             toks = tokens_html(tab.conv) if streaming is not True else skip
         if streaming is None:
-            buttons = [skip] * 6
+            states = [skip] * 6
         else:
-            buttons = [gr.update(interactive=streaming)] + [gr.update(interactive=not streaming)] * 5
-        return (chat, skip if box is None else box, status, ctx, toks, *buttons,
+            states = [gr.update(interactive=streaming)] + [gr.update(interactive=not streaming)] * 5
+        return (chat, skip if box is None else box, status, ctx, toks, *states,
                 self.transcript(tab) if (save and tab is not None) else skip)
+
+    def frame(self, tab: Tab, box, stored):
+        """A live update while a reply streams: the chat and the context panel change.
+
+        The other outputs get their current values rather than `gr.skip()`: in Gradio
+        6.31 a skip rebuilds the component (an UploadButton's rebuild alone builds a
+        JSON schema, about 15 ms), while a value costs next to nothing. The box and
+        the token view keep `skip` so that nothing typed meanwhile is overwritten.
+        """
+        skip = gr.skip()
+        return (chat_messages(tab.conv), skip if box is None else box, "",
+                context_html(tab.conv, self.max_context, running=True), skip, *self.button_labels, None, stored)
 
     def fail(self, e: Exception, tab: Tab | None = None):
         if not isinstance(e, (BadInput, EngineError)):
@@ -159,14 +176,17 @@ class Handlers:
             if isinstance(gen, str):  # step(): one token, already done
                 gen = None
             else:
-                for _ in gen:
-                    yield self.view(tab, box=box, streaming=True)
+                # The model decodes in its own thread and never waits for a render; each
+                # render shows every token made since the last.
+                gen = Ahead(gen, tab.conv.stop, min_interval=RENDER_INTERVAL_S)
+                for i, _ in enumerate(gen):
+                    yield self.frame(tab, box if i == 0 else None, stored)
             yield self.view(tab, box=box, status=finish_note(tab.conv), streaming=False, save=True)
         except Exception as e:  # noqa: BLE001 - a failure mid-stream keeps the transcript
             yield self.fail(e, tab)
         finally:
             if gen is not None:
-                gen.close()  # no-op when finished; records the partial reply when cancelled
+                gen.close()  # waits for the decode thread; records the partial reply when cancelled
             tab.touch()
             tab.lock.release()
 
