@@ -1,41 +1,54 @@
 """Decode ahead of the UI: run a reply's generator in its own thread.
 
-Gradio drives a sync generator handler one `next()` at a time from its worker
-threads, and renders each yielded value on its event loop before asking for
-the next one. A reply generator driven that way waits for every render, so the
-model idles while the page updates. `Ahead` runs the generator in a thread of
-its own; the handler wakes whenever it made progress and renders the current
-state, several tokens at once when the UI falls behind. The model never waits.
+A Gradio generator handler renders each value it yields before it asks for the
+next. A reply generator driven that way waits for every render, so the model
+idles while the page updates. `Ahead` runs the generator in a thread of its
+own; the handler, an async generator on Gradio's event loop, wakes when it made
+progress and renders the current state, several tokens at once when the UI
+falls behind. The model never waits for the page.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from typing import Callable, Iterator
 
 
 class Ahead:
-    """Iterate `gen` in a background thread; iterating an `Ahead` yields the count
-    of items produced so far, once per wake-up, and re-raises the generator's error.
+    """Iterate `gen` in a background thread; `async for` over an `Ahead` yields the
+    count of items produced so far, once per wake-up, and re-raises the generator's error.
+
+    Wake-ups are paced: at most one per `min_interval` seconds, and after a
+    consumer step that took `b` seconds (a render), the next waits until at least
+    `b * (1 - share) / share` has passed, so the consumer's work stays near `share`
+    of the time. Renders are Python work that holds the GIL the producer needs
+    between its torch ops; pacing them keeps decoding near full speed, and adapts
+    as renders grow with the chat.
 
     `close()` calls `stop` (which must make the generator end soon) and waits for
     the thread, so nothing runs on after the consumer has gone.
     """
 
-    def __init__(self, gen: Iterator, stop: Callable[[], None], min_interval: float = 0.0, name: str = "decode-ahead"):
-        self._gen, self._stop, self.min_interval = gen, stop, min_interval
-        self._cond = threading.Condition()
+    def __init__(self, gen: Iterator, stop: Callable[[], None], min_interval: float = 0.0, share: float = 1.0,
+                 name: str = "decode-ahead"):
+        if not 0 < share <= 1:
+            raise ValueError(f"share must be in (0, 1], got {share!r}")
+        self._gen, self._stop = gen, stop
+        self.min_interval, self.share = min_interval, share
+        self._lock = threading.Lock()  # guards the three fields below and `_wake`
         self._count, self._done, self._error = 0, False, None
+        self._wake: Callable[[], None] = lambda: None  # set by the consumer
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         try:
             for _ in self._gen:
-                with self._cond:
+                with self._lock:
                     self._count += 1
-                    self._cond.notify()
+                    self._notify()
             self._gen = None
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
             self._error = e
@@ -45,23 +58,41 @@ class Ahead:
                 if close is not None:
                     close()
             finally:
-                with self._cond:
+                with self._lock:
                     self._done = True
-                    self._cond.notify()
+                    self._notify()
 
-    def __iter__(self):
-        seen, last = 0, float("-inf")
+    def _notify(self) -> None:
+        try:
+            self._wake()
+        except RuntimeError:  # the consumer's event loop has closed
+            pass
+
+    async def __aiter__(self):
+        """Yield the count of items produced so far, once per wake-up. Waits are awaits:
+        cancelling the consumer's task interrupts them at once, where a sync generator
+        blocked in `next()` could not be closed until it yielded."""
+        loop = asyncio.get_running_loop()
+        news = asyncio.Event()
+        with self._lock:
+            self._wake = lambda: loop.call_soon_threadsafe(news.set)
+        seen, not_before = 0, 0.0
         while True:
-            with self._cond:
-                # At most one wake-up per `min_interval`: each render holds the GIL the
-                # decode thread needs between ops, so fewer renders mean faster decoding.
-                self._cond.wait_for(lambda: self._done, timeout=max(0.0, last + self.min_interval - time.monotonic()))
-                self._cond.wait_for(lambda: self._count > seen or self._done)
+            delay = not_before - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            news.clear()
+            with self._lock:
                 count, done = self._count, self._done
-            last = time.monotonic()
+            if count == seen and not done:
+                await news.wait()  # set by the producer after the clear above: no wake-up is lost
+                continue
             if count > seen:
                 seen = count
+                yielded = time.monotonic()
                 yield count
+                back = time.monotonic()
+                not_before = max(yielded + self.min_interval, back + (back - yielded) * (1 - self.share) / self.share)
             elif done:
                 break
         if self._error is not None:

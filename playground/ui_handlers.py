@@ -7,6 +7,7 @@ a `SessionManager`, keyed by Gradio's `session_hash`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -23,9 +24,11 @@ from playground.ui_render import chat_messages, context_html, part_text, tokens_
 
 log = logging.getLogger("playground.ui")
 EMPTY_BOX = {"text": "", "files": []}
-# At most 20 renders a second while streaming: smooth to the eye, and a render's cost
-# grows with the chat's length while a decode step's barely does.
-RENDER_INTERVAL_S = 0.05
+# While streaming, renders take about a tenth of the time at most, and come at most
+# 20 a second. A render is Python work on Gradio's event loop (a 12-output update
+# costs 10-20 ms there) that holds the GIL the decode thread needs between ops:
+# one render per token cost the decode rate a tenth to a quarter here.
+RENDER_SHARE, RENDER_INTERVAL_S = 0.1, 0.05
 TRANSCRIPT_FORMAT = "llm-playground-transcript"
 
 
@@ -122,17 +125,16 @@ class Handlers:
         return (chat, skip if box is None else box, status, ctx, toks, *states,
                 self.transcript(tab) if (save and tab is not None) else skip)
 
-    def frame(self, tab: Tab, box, stored):
+    def frame(self, tab: Tab, box, tokens: str, stored):
         """A live update while a reply streams: the chat and the context panel change.
 
-        The other outputs get their current values rather than `gr.skip()`: in Gradio
-        6.31 a skip rebuilds the component (an UploadButton's rebuild alone builds a
-        JSON schema, about 15 ms), while a value costs next to nothing. The box and
-        the token view keep `skip` so that nothing typed meanwhile is overwritten.
+        The other outputs get the values they already show rather than `gr.skip()`:
+        in Gradio 6.31 a skip rebuilds the component (the Import UploadButton's rebuild
+        builds a JSON schema, about 15 ms), while a value costs next to nothing. Only
+        the box keeps `skip`, so that nothing typed meanwhile is overwritten.
         """
-        skip = gr.skip()
-        return (chat_messages(tab.conv), skip if box is None else box, "",
-                context_html(tab.conv, self.max_context, running=True), skip, *self.button_labels, None, stored)
+        return (chat_messages(tab.conv), gr.skip() if box is None else box, "",
+                context_html(tab.conv, self.max_context, running=True), tokens, *self.button_labels, None, stored)
 
     def fail(self, e: Exception, tab: Tab | None = None):
         if not isinstance(e, (BadInput, EngineError)):
@@ -145,12 +147,13 @@ class Handlers:
         return make_sampling(temperature, top_p, top_k, rep, seed), clamp_new_tokens(max_new, self.max_new_tokens_cap), \
             parse_stop_strings(stops)
 
-    def stream(self, request, stored, system_prompt, raw, start, clear_box=False):
+    async def stream(self, request, stored, system_prompt, raw, start, clear_box=False):
         """Run one action for this tab: validate, then stream pieces into the widgets.
 
         `start(conv)` returns a generator of text pieces (validated on call) or a str.
-        Closing this generator (Stop / cancel) closes the conversation's stream,
-        which records the partial reply.
+        The model works in threads; this async generator only renders, on Gradio's
+        event loop. Cancelling it (Stop, or a client's cancel) stops the
+        conversation's stream, which records the partial reply.
         """
         try:
             tab = self.open_tab(request, stored)
@@ -160,12 +163,13 @@ class Handlers:
         if not tab.lock.acquire(blocking=False):
             yield self.fail(TabBusy("A reply is still streaming in this tab: press Stop first."))
             return
-        gen = None
+        ahead = None
         try:
             tab.touch()
             try:
                 self.sync(tab, system_prompt, raw)
-                gen = start(tab.conv)
+                shown_tokens = tokens_html(tab.conv)  # the token view keeps the last reply's until the end
+                gen = await asyncio.to_thread(start, tab.conv)
             except Exception as e:  # noqa: BLE001
                 yield self.fail(e, tab)
                 return
@@ -173,22 +177,29 @@ class Handlers:
             # planning or prefilling (busy engine, failed forward) leaves the text where it was.
             yield self.view(tab, streaming=True)
             box = EMPTY_BOX if clear_box else None
-            if isinstance(gen, str):  # step(): one token, already done
-                gen = None
-            else:
+            if not isinstance(gen, str):  # a str: step() made its one token already
                 # The model decodes in its own thread and never waits for a render; each
                 # render shows every token made since the last.
-                gen = Ahead(gen, tab.conv.stop, min_interval=RENDER_INTERVAL_S)
-                for i, _ in enumerate(gen):
-                    yield self.frame(tab, box if i == 0 else None, stored)
+                ahead = Ahead(gen, tab.conv.stop, min_interval=RENDER_INTERVAL_S, share=RENDER_SHARE)
+                i = 0
+                async for _ in ahead:
+                    yield self.frame(tab, box if i == 0 else None, shown_tokens, stored)
+                    i += 1
             yield self.view(tab, box=box, status=finish_note(tab.conv), streaming=False, save=True)
         except Exception as e:  # noqa: BLE001 - a failure mid-stream keeps the transcript
             yield self.fail(e, tab)
         finally:
-            if gen is not None:
-                gen.close()  # waits for the decode thread; records the partial reply when cancelled
-            tab.touch()
-            tab.lock.release()
+            def finish():
+                try:
+                    if ahead is not None:
+                        ahead.close()  # stops a running reply, which records it, and waits for the thread
+                finally:
+                    tab.touch()
+                    tab.lock.release()
+
+            # Shielded: even if this task is cancelled again, the tab is released only
+            # once the decode thread has ended.
+            await asyncio.shield(asyncio.to_thread(finish))
 
     def refresh(self, request: gr.Request):
         """Re-render this tab after Stop (waits for the cancelled stream to wind down)."""
@@ -219,7 +230,7 @@ class Handlers:
 
     # ------------------------------------------------------------------ handlers
 
-    def on_send(self, box, temperature, top_p, top_k, rep, seed, max_new, stops, system_prompt, raw, stored,
+    async def on_send(self, box, temperature, top_p, top_k, rep, seed, max_new, stops, system_prompt, raw, stored,
                 request: gr.Request):
         try:
             parts = parse_box(box, self.modalities, self.model, self.max_file_mb)
@@ -227,11 +238,13 @@ class Handlers:
         except BadInput as e:
             yield self.fail(e)
             return
-        yield from self.stream(request, stored, system_prompt, raw,
-                          lambda conv: conv.send(parts, args[0], args[1], stop_strings=args[2]), clear_box=True)
+        async for update in self.stream(request, stored, system_prompt, raw,
+                                        lambda conv: conv.send(parts, args[0], args[1], stop_strings=args[2]),
+                                        clear_box=True):
+            yield update
 
     def make_simple(self, method):
-        def handler(temperature, top_p, top_k, rep, seed, max_new, stops, system_prompt, raw, stored,
+        async def handler(temperature, top_p, top_k, rep, seed, max_new, stops, system_prompt, raw, stored,
                     request: gr.Request):
             try:
                 sampling, n, stop_strings = self.settings(temperature, top_p, top_k, rep, seed, max_new, stops)
@@ -242,10 +255,11 @@ class Handlers:
                 start = lambda conv: conv.step(sampling)  # noqa: E731
             else:
                 start = lambda conv: getattr(conv, method)(sampling, n, stop_strings=stop_strings)  # noqa: E731
-            yield from self.stream(request, stored, system_prompt, raw, start)
+            async for update in self.stream(request, stored, system_prompt, raw, start):
+                yield update
         return handler
 
-    def edit_turn(self, turn_index: int, text: str, settings_values, system_prompt, raw, stored, request):
+    async def edit_turn(self, turn_index: int, text: str, settings_values, system_prompt, raw, stored, request):
         try:
             sampling, n, stop_strings = self.settings(*settings_values)
             if not (text or "").strip():
@@ -259,9 +273,10 @@ class Handlers:
             media = [p for p in old.parts if p.kind != "text"] if old is not None else []
             return conv.edit(turn_index, media + [MultimodalInput.text(text)], sampling, n, stop_strings=stop_strings)
 
-        yield from self.stream(request, stored, system_prompt, raw, start)
+        async for update in self.stream(request, stored, system_prompt, raw, start):
+            yield update
 
-    def on_chat_edit(self, history, temperature, top_p, top_k, rep, seed, max_new, stops, system_prompt, raw, stored,
+    async def on_chat_edit(self, history, temperature, top_p, top_k, rep, seed, max_new, stops, system_prompt, raw, stored,
                      data: gr.EditData, request: gr.Request):
         tab = self.sessions.get(request.session_hash)
         if tab is None:
@@ -273,13 +288,16 @@ class Handlers:
             yield self.fail(BadInput(str(e)), tab)
             return
         text = data.value if isinstance(data.value, str) else (data.value or {}).get("text", "")
-        yield from self.edit_turn(i, text, (temperature, top_p, top_k, rep, seed, max_new, stops),
-                             system_prompt, raw, stored, request)
+        async for update in self.edit_turn(i, text, (temperature, top_p, top_k, rep, seed, max_new, stops),
+                                           system_prompt, raw, stored, request):
+            yield update
 
-    def on_api_edit(self, turn_index, text, temperature, top_p, top_k, rep, seed, max_new, stops, system_prompt, raw,
+    async def on_api_edit(self, turn_index, text, temperature, top_p, top_k, rep, seed, max_new, stops, system_prompt, raw,
                     stored, request: gr.Request):
-        yield from self.edit_turn(int(turn_index), text, (temperature, top_p, top_k, rep, seed, max_new, stops),
-                             system_prompt, raw, stored, request)
+        async for update in self.edit_turn(int(turn_index), text,
+                                           (temperature, top_p, top_k, rep, seed, max_new, stops),
+                                           system_prompt, raw, stored, request):
+            yield update
 
     def rewind_to(self, turn_index, offset, system_prompt, raw, stored, request):
         def act(tab):
