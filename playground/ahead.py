@@ -31,8 +31,7 @@ class Ahead:
     the thread, so nothing runs on after the consumer has gone.
     """
 
-    def __init__(self, gen: Iterator, stop: Callable[[], None], min_interval: float = 0.0, share: float = 1.0,
-                 name: str = "decode-ahead"):
+    def __init__(self, gen: Iterator, stop: Callable[[], None], min_interval: float = 0.0, share: float = 1.0):
         if not 0 < share <= 1:
             raise ValueError(f"share must be in (0, 1], got {share!r}")
         self._gen, self._stop = gen, stop
@@ -40,7 +39,7 @@ class Ahead:
         self._lock = threading.Lock()  # guards the three fields below and `_wake`
         self._count, self._done, self._error = 0, False, None
         self._wake: Callable[[], None] = lambda: None  # set by the consumer
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread = threading.Thread(target=self._run, name="decode-ahead", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
@@ -98,8 +97,8 @@ class Ahead:
         if self._error is not None:
             raise self._error
 
-    def close(self, timeout: float | None = None) -> None:
+    def close(self) -> None:
         """Stop the generator (if still running) and wait for its thread to end."""
         if self._thread.is_alive():
             self._stop()
-        self._thread.join(timeout)
+        self._thread.join()

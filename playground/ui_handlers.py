@@ -87,7 +87,7 @@ class Handlers:
         self.model = engine.name
         self.max_new_tokens_cap = max_new_tokens_cap
         self.max_file_mb = max_file_mb
-        self.button_labels = ("Stop", "Regenerate", "Continue", "Step", "Reset")  # build_ui sets them from the widgets
+        self.button_labels: tuple[str, ...] = ()  # build_ui sets them from the widgets
 
     # ------------------------------------------------------------------ helpers
 
