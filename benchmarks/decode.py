@@ -3,7 +3,8 @@ dtype and thread count:
 
 1. the contract: `Session.prefill` then a `decode_one` loop;
 2. the usual demo: `model.generate()` in a thread feeding a `TextIteratorStreamer`;
-3. a raw loop with no contract: one `model(...)` per token on a `DynamicCache`.
+3. a raw loop with no contract: one `model(...)` per token on the session's
+   cache (`engines.kv.new_cache`), so 1 against 3 is the contract's cost alone.
 
 1 and 3 run in the calling thread; variants run them in a fresh worker thread,
 as Gradio runs sync handlers.
@@ -14,9 +15,9 @@ from __future__ import annotations
 import threading
 
 import torch
-from transformers import DynamicCache, TextIteratorStreamer
+from transformers import TextIteratorStreamer
 
-from engines import MultimodalInput, SamplingConfig
+from engines import MultimodalInput, SamplingConfig, kv
 
 from .common import interleaved, now, summarise
 
@@ -60,7 +61,7 @@ def raw_loop(engine, ids: list[int], n: int, decode_threads: int | None = None) 
     model = engine.model
     step_threads = decode_threads or engine_decode_threads(engine)
     with torch.inference_mode():
-        cache = DynamicCache(config=model.config)
+        cache = kv.new_cache(model.config)
         torch.set_num_threads(engine.num_threads)
         t0 = now()
         out = model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True, logits_to_keep=1)

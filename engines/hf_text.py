@@ -1,7 +1,7 @@
 """transformers causal LMs behind the Engine / Session contract.
 
 Knows nothing of Gradio or of conversations. One forward per prefill or
-decode step, on a DynamicCache owned by the session; the weights are shared
+decode step, on a cache owned by the session (`kv.new_cache`); the weights are shared
 and forwards on them are serialised by the engine's lock.
 
 Differences from the contract: none. Extras: `top_logprobs(k)`.
@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import torch
 
 from . import kv
+from .attention import use_sdpa_gqa
 from .base import (
     STOP_RESULT,
     ContextFull,
@@ -88,6 +89,7 @@ class HFTextEngine(Engine):
         self.capacity = ServingCapacity(max_sessions, limit, kv_per_token, kv_per_token * limit)
         self.lock = threading.Lock()  # serialises forwards on the shared weights
         use_gemv_layout(self)  # at load: the engine never changes after it
+        use_sdpa_gqa(model)
         self._slots = threading.BoundedSemaphore(max_sessions)
         self._open = 0
         self._open_lock = threading.Lock()

@@ -1,0 +1,124 @@
+"""The session cache's GrowingLayer and the CPU attention `sdpa_gqa`, each against
+the transformers class it replaces, and on the real SmolLM2 against a no-cache forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.cache_utils import DynamicLayer
+
+from engines import MultimodalInput as MI, SamplingConfig
+from engines import kv
+from engines.attention import NAME, use_sdpa_gqa
+from tests.cases import greedy_ids
+
+
+def _kv(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 3, n, 8, generator=g), torch.randn(1, 3, n, 8, generator=g)
+
+
+# Chunks that cross the GROW_TOKENS boundary, with crops in between (negative = crop).
+SCRIPT = [5, 1, 1, kv.GROW_TOKENS - 10, 30, -7, 1, -100, kv.GROW_TOKENS + 3, 1, -1, 1]
+
+
+def test_growing_layer_matches_dynamic_layer_through_updates_and_crops():
+    ours, ref = kv.GrowingLayer(), DynamicLayer()
+    for i, step in enumerate(SCRIPT):
+        if step < 0:
+            ours.crop(step)
+            ref.crop(step)
+        else:
+            k, v = _kv(step, seed=i)
+            got, want = ours.update(k, v), ref.update(k, v)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert ours.get_seq_length() == ref.get_seq_length()
+        assert torch.equal(ours.keys, ref.keys) and torch.equal(ours.values, ref.values)
+        assert ours._kbuf.shape[-2] % kv.GROW_TOKENS == 0
+    ours.reset()
+    assert ours.get_seq_length() == 0 and not ours.is_initialized
+    with pytest.raises(ValueError, match="negative"):
+        ours.crop(3)
+
+
+def test_growing_layer_writes_in_place_until_full():
+    layer = kv.GrowingLayer()
+    layer.update(*_kv(10, 0))
+    buf = layer._kbuf
+    for i in range(kv.GROW_TOKENS - 10):
+        layer.update(*_kv(1, i + 1))
+    assert layer._kbuf is buf  # no copy while there was room
+    layer.update(*_kv(1, 999))
+    assert layer._kbuf is not buf and layer._kbuf.shape[-2] == 2 * kv.GROW_TOKENS
+
+
+def test_new_cache_uses_growing_layers_for_full_attention(smol):
+    cache = kv.new_cache(smol.model.config)
+    assert cache.layers and all(type(layer) is kv.GrowingLayer for layer in cache.layers)
+
+
+def test_session_across_the_grow_boundary_equals_a_no_cache_forward(smol):
+    """Prefill to just under a buffer step, decode across it, rewind below it and decode again."""
+    text = "The quick brown fox jumps over the lazy dog. " * 40
+    ids = smol.tokenize([MI.text(text)])[: kv.GROW_TOKENS - 3]
+    with smol.create_session() as s:
+        s.prefill([MI.tokens(ids)])
+        greedy_ids(s, 8)
+        assert s.position > kv.GROW_TOKENS
+        s.seek(kv.GROW_TOKENS - 20)
+        s.prefill([MI.tokens(ids[:5])])
+        greedy_ids(s, 4)
+        with torch.inference_mode():
+            ref = smol.model(torch.tensor([s.tokens], device=smol.device), use_cache=False).logits[0, -1]
+        err = (ref.float() - s.pending_logits.float()).abs().max().item()
+        assert err < 2e-3, f"cached logits drift from a no-cache forward by {err}"
+
+
+def _tiny_llama(**kw) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    shape = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config = LlamaConfig(**{**shape, **kw})
+    config._attn_implementation = "sdpa"
+    return LlamaForCausalLM(config).eval()
+
+
+def test_sdpa_gqa_equals_sdpa_for_prefill_after_cached_tokens_and_decode():
+    model = _tiny_llama()
+    ids = torch.randint(0, 64, (1, 40), generator=torch.Generator().manual_seed(1))
+
+    def run():  # a whole prompt, a chunk over cached tokens, then one step
+        cache = kv.new_cache(model.config)
+        with torch.inference_mode():
+            outs = [model(input_ids=ids[:, a:b], past_key_values=cache, use_cache=True).logits
+                    for a, b in ((0, 20), (20, 39), (39, 40))]
+        return torch.cat(outs, dim=1)
+
+    want = run()
+    assert use_sdpa_gqa(model) and model.config._attn_implementation == NAME
+    got = run()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_sdpa_gqa_is_not_used_where_it_would_drop_something():
+    assert not use_sdpa_gqa(_tiny_llama(num_key_value_heads=4))  # no grouped heads: nothing to gain
+    soft = _tiny_llama()
+    soft.config.attn_logit_softcapping = 30.0
+    assert not use_sdpa_gqa(soft) and soft.config._attn_implementation == "sdpa"
+
+
+def test_the_default_engine_uses_sdpa_gqa_on_cpu_and_greedy_matches_generate(smol):
+    if smol.device.type != "cpu":
+        pytest.skip("sdpa_gqa is for CPU")
+    assert smol.model.config._attn_implementation == NAME
+    prompt = smol.render([{"role": "user", "content": "Name three colours."}])
+    with smol.create_session() as s:
+        s.prefill(prompt)
+        got = greedy_ids(s, 12)
+    ids = smol.tokenize(prompt)
+    with torch.inference_mode():
+        out = smol.model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
+                                  pad_token_id=min(smol.eos_token_ids))
+    want = [t for t in out[0, len(ids):].tolist() if t not in smol.eos_token_ids]
+    assert got == want[: len(got)] and got
