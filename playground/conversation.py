@@ -108,6 +108,7 @@ class Conversation:
         self._session = None
         self._keys: list = []  # key of each resident position (see prefix.py)
         self._media_ids: dict = {}  # media key -> expanded ids, so media are processed once
+        self._span_memo: tuple[list, list] = ([], [])  # (fingerprints, turn ends) of the last span pass
         self._busy = threading.Lock()
         self._stop_asked = threading.Event()  # survives the seek/prefill that clear the session's
 
@@ -451,13 +452,27 @@ class Conversation:
                 t.span, t.media_spans = None, []
 
     def _compute_spans(self) -> None:
-        ends = []
+        """Turn k ends where `turns[:k]` rendered alone ends. That depends only on those
+        turns, so ends are remembered by prefix and only new or changed turns are rendered
+        (rendering every prefix after every action was O(turns^2) in tokens)."""
+        fps = [(self.raw, self.chat_template)] + [_fingerprint(t) for t in self.turns]
+        old_fps, old_ends = self._span_memo
+        same = 0
+        while same < min(len(fps), len(old_fps)) and fps[same] == old_fps[same]:
+            same += 1
+        ends, memo = [], []
         for k in range(1, len(self.turns) + 1):
             last = self.turns[k - 1]
-            if k == len(self.turns) and last.role == "assistant":
+            if k == len(self.turns) and last.role == "assistant":  # its exact ids, not a closed turn
                 ends.append(len(self._keys_of(self._target(self.turns[:-1], last))[0]))
-            else:
-                ends.append(len(self._keys_of(self._prefix_render(self.turns[:k]))[0]))
+                memo.append(None)
+                continue
+            end = old_ends[k - 1] if k < same and old_ends[k - 1] is not None else None
+            if end is None:
+                end = len(self._keys_of(self._prefix_render(self.turns[:k]))[0])
+            ends.append(end)
+            memo.append(end)
+        self._span_memo = (fps, memo)
         start = 0
         pos = self.position
         for t, end in zip(self.turns, ends):
@@ -522,6 +537,11 @@ class Conversation:
     def _not_busy(self) -> None:
         if self._busy.locked():
             raise EngineError("another action is running on this conversation; stop it first")
+
+
+def _fingerprint(turn: Turn) -> tuple:
+    """Everything about a turn that its render depends on."""
+    return turn.role, tuple(p.key() for p in turn.parts), tuple(turn.token_ids or ())
 
 
 def _slice_inputs(pieces, start: int) -> list[MultimodalInput]:

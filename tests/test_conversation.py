@@ -371,6 +371,37 @@ def test_stats_report_timing_and_spans_cover_the_session(smol):
     assert all(i.top[0][2] >= i.logprob - 1e-6 for i in info)  # greedy picks the top token
 
 
+def _spans(conv):
+    return [(t.span, list(t.media_spans)) for t in conv.turns]
+
+
+def _spans_from_scratch(conv):
+    conv._span_memo = ([], [])
+    conv._update_spans()
+    return _spans(conv)
+
+
+@pytest.mark.parametrize("name", ["own", "phi3"])
+def test_remembered_spans_equal_a_pass_from_scratch_after_every_action(smol, name, monkeypatch):
+    conv = Conversation(smol, system_prompt="Be brief.", chat_template=TEMPLATES[name])
+    actions = [lambda: say(conv, "Hi"), lambda: say(conv, "Name a colour."), lambda: say(conv, "And a fruit?"),
+               lambda: "".join(conv.regenerate(GREEDY, N)),
+               lambda: "".join(conv.edit(3, [MI.text("Name a planet.")], GREEDY, N)),
+               lambda: conv.rewind(4, 2), lambda: "".join(conv.continue_reply(GREEDY, 2))]
+    for act in actions:
+        act()
+        got = _spans(conv)
+        assert got == _spans_from_scratch(conv)
+        assert got[-1][0][1] == conv.position
+    renders = []
+    real = smol.render
+    monkeypatch.setattr(smol, "render", lambda *a, **k: renders.append(a[0]) or real(*a, **k))
+    say(conv, "One more.")
+    # Only the new user turn's prefix and the last reply's target are rendered for spans
+    # (plus the send's own plan), not every prefix of the conversation.
+    assert len(renders) <= 4 and _spans(conv) == _spans_from_scratch(conv)
+
+
 def test_a_stop_asked_before_the_stream_starts_is_honoured(smol):
     conv = Conversation(smol)
     gen = conv.send([MI.text("Tell me about rivers.")], GREEDY, 30)
