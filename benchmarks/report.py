@@ -156,7 +156,9 @@ def table(r: dict) -> str:
         mm = r["memory"]
         lines += ["### (f) Memory",
                   f"KV bytes/token measured {mm['kv_bytes_per_token_measured']:.0f} vs computed "
-                  f"{mm['kv_bytes_per_token_computed']} (×{mm['kv_measured_over_computed']:.3f}); "
+                  f"{mm['kv_bytes_per_token_computed']} (×{mm['kv_measured_over_computed']:.3f})"
+                  + (f", allocated ×{mm['kv_allocated_over_measured']:.3f} of it (spare rows of a 256-token step)"
+                     if "kv_allocated_over_measured" in mm else "") + "; "
                   f"RSS per extra session at {mm['context_tokens']} tokens "
                   f"{mm['rss_per_extra_session_bytes'] / 2**20:.1f} MiB vs KV {mm['kv_bytes_at_context_computed'] / 2**20:.1f} MiB "
                   f"(×{mm['rss_over_kv']:.2f}); full-context estimate "

@@ -17,7 +17,9 @@ class GrowingLayer(DynamicLayer):
     step: at 631 tokens that was 13 % of a CPU decode step (benchmarks/RESULTS.md).
     Here `keys`/`values` are views of the first `length` rows of a buffer that
     grows by GROW_TOKENS rows when full, so a step writes one row and a crop
-    only moves `length`. Same values, same shapes, as DynamicLayer.
+    only moves `length`. Same values, same shapes, as DynamicLayer. For one
+    sequence under `torch.inference_mode()` (as sessions run): no beams, no
+    offloading.
     """
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -64,11 +66,10 @@ class GrowingLayer(DynamicLayer):
         self._length = 0
         super().reset()
 
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        raise NotImplementedError("a session cache holds one sequence")
+    def _one_sequence(self, *args, **kwargs):
+        raise NotImplementedError("a session cache holds one sequence on one device")
 
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        raise NotImplementedError("a session cache holds one sequence")
+    batch_repeat_interleave = batch_select_indices = reorder_cache = offload = prefetch = _one_sequence
 
 
 def new_cache(config) -> DynamicCache:

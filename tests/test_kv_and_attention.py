@@ -3,12 +3,14 @@ the transformers class it replaces, and on the real SmolLM2 against a no-cache f
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig
 from transformers.cache_utils import DynamicLayer
 
-from engines import MultimodalInput as MI, SamplingConfig
+from engines import MultimodalInput as MI
 from engines import kv
 from engines.attention import NAME, use_sdpa_gqa
 from tests.cases import greedy_ids
@@ -20,7 +22,7 @@ def _kv(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # Chunks that cross the GROW_TOKENS boundary, with crops in between (negative = crop).
-SCRIPT = [5, 1, 1, kv.GROW_TOKENS - 10, 30, -7, 1, -100, kv.GROW_TOKENS + 3, 1, -1, 1]
+SCRIPT = [5, 1, 1, kv.GROW_TOKENS - 10, 30, -7, 1, -100, kv.GROW_TOKENS + 84, 1, -1, 1]  # regrows after a crop
 
 
 def test_growing_layer_matches_dynamic_layer_through_updates_and_crops():
@@ -35,7 +37,7 @@ def test_growing_layer_matches_dynamic_layer_through_updates_and_crops():
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
         assert ours.get_seq_length() == ref.get_seq_length()
         assert torch.equal(ours.keys, ref.keys) and torch.equal(ours.values, ref.values)
-        assert ours._kbuf.shape[-2] % kv.GROW_TOKENS == 0
+    assert ours._kbuf.shape[-2] == 3 * kv.GROW_TOKENS  # the last growth copied a cropped layer
     ours.reset()
     assert ours.get_seq_length() == 0 and not ours.is_initialized
     with pytest.raises(ValueError, match="negative"):
@@ -56,6 +58,18 @@ def test_growing_layer_writes_in_place_until_full():
 def test_new_cache_uses_growing_layers_for_full_attention(smol):
     cache = kv.new_cache(smol.model.config)
     assert cache.layers and all(type(layer) is kv.GrowingLayer for layer in cache.layers)
+
+
+def test_new_cache_keeps_sliding_window_layers_and_their_past():
+    config = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=16,
+                              layer_types=["sliding_attention", "sliding_attention", "sliding_attention",
+                                           "full_attention"])
+    cache = kv.new_cache(config)
+    kinds = [type(layer).__name__ for layer in cache.layers]
+    assert kinds == ["DynamicSlidingWindowLayer"] * 3 + ["GrowingLayer"]
+    assert all(cache.is_recording_past(i) for i in range(3))
+    assert not use_sdpa_gqa(SimpleNamespace(config=config, device=torch.device("cpu")))
 
 
 def test_session_across_the_grow_boundary_equals_a_no_cache_forward(smol):
@@ -101,24 +115,39 @@ def test_sdpa_gqa_equals_sdpa_for_prefill_after_cached_tokens_and_decode():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_sdpa_gqa_is_not_used_where_it_would_drop_something():
+def test_sdpa_gqa_is_only_used_on_a_plain_grouped_head_decoder():
     assert not use_sdpa_gqa(_tiny_llama(num_key_value_heads=4))  # no grouped heads: nothing to gain
     soft = _tiny_llama()
-    soft.config.attn_logit_softcapping = 30.0
+    soft.config.attn_logit_softcapping = 30.0  # a kernel call with no soft-capping would drop it
     assert not use_sdpa_gqa(soft) and soft.config._attn_implementation == "sdpa"
+    composite = LlavaConfig(text_config=_tiny_llama().config.to_dict())
+    assert not use_sdpa_gqa(SimpleNamespace(config=composite, device=torch.device("cpu")))
 
 
-def test_the_default_engine_uses_sdpa_gqa_on_cpu_and_greedy_matches_generate(smol):
+def test_sdpa_gqa_hands_what_it_does_not_handle_back_to_transformers(monkeypatch):
+    import engines.attention as attention
+
+    seen = []
+    monkeypatch.setattr(attention, "sdpa_attention_forward", lambda *a, **k: seen.append(k) or ("stock", None))
+    q, k = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 3, 8)
+    module = SimpleNamespace(is_causal=True, num_key_value_groups=2)
+    assert attention.sdpa_gqa_forward(module, q, k, k, None, softcap=30.0)[0] == "stock"
+    out, _ = attention.sdpa_gqa_forward(module, q, k, k, None)
+    assert out.shape == (1, 3, 4, 8) and len(seen) == 1
+
+
+def test_the_default_engine_uses_sdpa_gqa_on_cpu_and_a_turn_after_cached_tokens_is_exact(smol):
+    """A prefill after cached tokens is the masked path sdpa_gqa changes; its logits
+    must equal a no-cache forward of the whole sequence (the unmasked causal path)."""
     if smol.device.type != "cpu":
         pytest.skip("sdpa_gqa is for CPU")
     assert smol.model.config._attn_implementation == NAME
-    prompt = smol.render([{"role": "user", "content": "Name three colours."}])
+    first = smol.render([{"role": "user", "content": "Name three colours."}])
     with smol.create_session() as s:
-        s.prefill(prompt)
-        got = greedy_ids(s, 12)
-    ids = smol.tokenize(prompt)
-    with torch.inference_mode():
-        out = smol.model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
-                                  pad_token_id=min(smol.eos_token_ids))
-    want = [t for t in out[0, len(ids):].tolist() if t not in smol.eos_token_ids]
-    assert got == want[: len(got)] and got
+        s.prefill(first)
+        greedy_ids(s, 6)
+        s.prefill([MI.text("<|im_end|>\n<|im_start|>user\nAnd three fruits?<|im_end|>\n<|im_start|>assistant\n")])
+        with torch.inference_mode():
+            ref = smol.model(torch.tensor([s.tokens]), use_cache=False).logits[0, -1]
+        err = (ref - s.pending_logits).abs().max().item()
+        assert err < 2e-3, f"a prefill after cached tokens drifts from a no-cache forward by {err}"
