@@ -14,7 +14,8 @@ class GrowingLayer(DynamicLayer):
     """A DynamicLayer that writes into a buffer with spare room.
 
     DynamicLayer appends with `torch.cat`, which copies the whole layer every
-    step: at 631 tokens that was 13 % of a CPU decode step (benchmarks/RESULTS.md).
+    step; at 2,011 cached tokens a CPU decode step here takes ×0.89 the time
+    (benchmarks/RESULTS.md, "Run 4 changes").
     Here `keys`/`values` are views of the first `length` rows of a buffer that
     grows by GROW_TOKENS rows when full, so a step writes one row and a crop
     only moves `length`. Same values, same shapes, as DynamicLayer. For one
