@@ -25,6 +25,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=env("PLAYGROUND_DEVICE", "auto"), choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default=env("PLAYGROUND_DTYPE"), help="float32, bfloat16, float16 (default: per device)")
     p.add_argument("--max-context", type=int, default=None, help="cap the context length")
+    p.add_argument("--compile", action="store_true", default=env("PLAYGROUND_COMPILE", "") == "1",
+                   help="fixed-size caches and a torch.compile'd decode step, compiled at start-up "
+                        "(text models with full attention; meant for CUDA)")
     p.add_argument("--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")))
     p.add_argument("--share", action="store_true", help="make a public gradio.live link")
@@ -46,7 +49,7 @@ def build(args: argparse.Namespace):
     from playground.ui import build_ui
 
     engine = load_engine(args.model, device=args.device, dtype=args.dtype, max_context=args.max_context,
-                         max_sessions=args.max_sessions)
+                         max_sessions=args.max_sessions, compile=args.compile)
     print(f"Loaded {engine.name} ({', '.join(sorted(engine.modalities))}); "
           f"context {engine.capacity.max_context_len}, {args.max_sessions} sessions", file=sys.stderr)
     return build_ui(engine, max_sessions=args.max_sessions, max_new_tokens_cap=args.max_new_tokens,

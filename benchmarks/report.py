@@ -172,6 +172,18 @@ def table(r: dict) -> str:
             v = g["llama_cpp_q4_1"]
             lines.append(f"Q4_1, {g['threads']} threads: TTFT {_mm(v['ttft_s'])} s, {_mm(v['tok_s'], '{:.1f}')} tok/s")
         lines.append("")
+    if "compiled" in r and "error" not in r["compiled"]:
+        c = r["compiled"]
+        lines += [f"### (h) compile=True: {c['prompt_tokens']}-token prompt, {c['new_tokens']} new tokens; "
+                  f"regenerate at {c['history_tokens']}; cache tokens {c['cache_tokens']}; "
+                  f"compile s {({k: round(v, 1) for k, v in c['compile_s'].items()})}",
+                  "| case | TTFT s, median (min) | tok/s, median (min) |",
+                  "|---|---|---|"]
+        for k, v in c.items():
+            if isinstance(v, dict) and "ttft_s" in v:
+                tok = _mm(v["tok_s"], "{:.1f}") if "tok_s" in v else ""
+                lines.append(f"| {k} | {_mm(v['ttft_s'])} | {tok} |")
+        lines += ["ratios: " + ", ".join(f"{k} **{v:.2f}**" for k, v in c["ratios"].items()), ""]
     pr = paired_ratios(r)
     if pr:
         lines += ["### Same-run ratios, paired by repetition (median of per-repetition ratios)",

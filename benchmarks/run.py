@@ -3,7 +3,7 @@
     python -m benchmarks.run [--quick] [--out benchmarks/out/results.json] [--only decode,regen,...]
 
 Sections: decode (a), multiturn (b), regen (c), startup (d), ui (e), memory (f),
-llamacpp (g). Peers inside a section run interleaved, repetition by repetition,
+llamacpp (g), and compiled (h), which runs only when named in --only. Peers inside a section run interleaved, repetition by repetition,
 after a warm-up, so they share the machine's background load; the table shows
 medians (and mins) and same-run ratios. `--quick` is the CI smoke mode:
 one repetition, few tokens, small histories.
@@ -23,6 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 SECTIONS = ("decode", "regen", "multiturn", "ui", "memory", "llamacpp", "startup")
+OPTIONAL = ("compiled",)  # compiles for a minute or more
 
 
 def params(quick: bool) -> dict:
@@ -59,6 +60,9 @@ def run_section(name: str, engine, p: dict) -> dict:
     if name == "ui":
         from . import ui_stream
         return ui_stream.run(p["reps"], p["ui_tokens"])
+    if name == "compiled":
+        from . import compiled
+        return compiled.run(engine, p["reps"], p["tokens"], history=max(p["lengths"]) // 2)
     if name == "startup":
         from . import startup
         return startup.run(p["warm_reps"], p["cold_reps"])
@@ -73,9 +77,9 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=None, help="override the repetitions")
     args = ap.parse_args(argv)
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
-    bad = [s for s in sections if s not in SECTIONS]
+    bad = [s for s in sections if s not in SECTIONS + OPTIONAL]
     if bad:
-        ap.error(f"unknown sections {bad}; choose from {', '.join(SECTIONS)}")
+        ap.error(f"unknown sections {bad}; choose from {', '.join(SECTIONS + OPTIONAL)}")
     p = params(args.quick)
     if args.reps:
         p["reps"] = p["warm_reps"] = args.reps

@@ -35,6 +35,7 @@ from .base import (
     SessionPoisoned,
 )
 from .chat import render_messages
+from .compiled import CompiledStep, refusal
 from .detok import StreamDecoder
 from .sampling import build_processors, sample_token
 
@@ -64,6 +65,7 @@ class HFTextEngine(Engine):
         max_sessions: int = 4,
         chat_template: str | None = None,
         num_threads: int | None = None,
+        compile: bool = False,
     ):
         if not isinstance(max_sessions, int) or max_sessions < 1:
             raise InvalidArgument(f"max_sessions must be an int >= 1, got {max_sessions!r}")
@@ -90,10 +92,28 @@ class HFTextEngine(Engine):
         self.lock = threading.Lock()  # serialises forwards on the shared weights
         use_gemv_layout(self)  # at load: the engine never changes after it
         use_sdpa_gqa(model)
+        self.compiled = self._compiled_step(compile)
         self._slots = threading.BoundedSemaphore(max_sessions)
         self._open = 0
         self._open_lock = threading.Lock()
         self._fingerprint = None
+
+    def _compiled_step(self, compile) -> CompiledStep | None:
+        if not isinstance(compile, bool):
+            raise InvalidArgument(f"compile must be True or False, got {compile!r}")
+        if not compile:
+            return None
+        why = refusal(self.model)
+        if why:
+            raise InvalidArgument(
+                f"compile=True needs a text model with full attention on every layer, "
+                f"and {self.name} cannot: {why}; load it with compile=False"
+            )
+        step = CompiledStep(self.model, self.max_context)
+        with self.lock:
+            use_threads(self, 1)  # the graph is guarded on the thread count: compile with the step's
+            step.warm_up()
+        return step
 
     # -- sessions
 
@@ -163,9 +183,15 @@ class HFTextEngine(Engine):
 
     # -- the model (called with self.lock held)
 
+    def new_cache(self):
+        """An empty cache for one session: fixed-size when compiled, else growing."""
+        return self.compiled.new_cache() if self.compiled else kv.new_cache(self.model.config)
+
     def forward(self, ids: list[int], cache, extras: dict, session) -> torch.Tensor:
         """One forward of `ids` on `cache`; returns the last position's logits."""
         use_threads(self, len(ids))
+        if self.compiled and len(ids) == 1 and not extras:
+            return self.compiled(ids[0], cache)
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **extras)
         return out.logits[0, -1]
@@ -229,7 +255,7 @@ class HFTextSession(Session):
         try:
             with eng.lock, torch.inference_mode():
                 if self._cache is None:
-                    self._cache = kv.new_cache(eng.model.config)
+                    self._cache = eng.new_cache()
                     self._on_new_cache()
                 logits = eng.forward(ids, self._cache, extras, self)
         except BaseException as e:  # an interrupt mid-forward leaves the cache half-updated too

@@ -4,7 +4,7 @@ and a full-attention cache layer that grows without a copy per token."""
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import DynamicLayer
 
 GROW_TOKENS = 256  # capacity is added in steps of this many tokens
@@ -106,9 +106,17 @@ def seek_floor(cache: DynamicCache | None) -> int:
     return floor
 
 
-def crop_to(cache: DynamicCache, length: int) -> int:
+def crop_to(cache: DynamicCache | StaticCache, length: int) -> int:
     """Crop the cache to `length` tokens; returns how many were removed."""
-    removed = cache.get_seq_length() - length
-    if removed > 0:
+    removed = int(cache.get_seq_length()) - length
+    if removed <= 0:
+        return 0
+    if isinstance(cache, StaticCache):
+        # No crop(): move each layer's length back. The causal mask hides the
+        # slots past it, and the next forward overwrites them.
+        with torch.inference_mode():  # its tensors were made under inference_mode
+            for layer in cache.layers:
+                layer.cumulative_length.fill_(length)
+    else:
         cache.crop(-removed)  # a positive argument raises in transformers 5
-    return max(removed, 0)
+    return removed

@@ -65,6 +65,7 @@ def load_engine(
     max_context: int | None = None,
     max_sessions: int = 4,
     chat_template: str | None = None,
+    compile: bool = False,
 ) -> Engine:
     """Load `spec` and return an Engine (text or multimodal, chosen from its config).
 
@@ -73,12 +74,17 @@ def load_engine(
         device: "auto", "cpu" or "cuda". dtype: None (the device's default), a torch dtype or name.
         max_context: caps the context length (tests use it to reach the limit cheaply).
         max_sessions: how many sessions may be open at once.
+        compile: give each session a fixed-size cache and `torch.compile` the
+            decode step (compiled at load). Text models with full attention
+            only. Meant for CUDA; on CPU it compiles for a minute and is no faster.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise InvalidArgument(f"model spec must be a non-empty str, got {spec!r}")
     dev, dt = resolve_device(device, dtype)
     source, name = _resolve(spec)
-    return _build(source, name, dev, dt, max_context, max_sessions, chat_template)
+    if not isinstance(compile, bool):
+        raise InvalidArgument(f"compile must be True or False, got {compile!r}")
+    return _build(source, name, dev, dt, max_context, max_sessions, chat_template, compile)
 
 
 def _resolve(spec: str) -> tuple[Path | str, str]:
@@ -174,7 +180,7 @@ def _converted(gguf: Path) -> Path:
     return target
 
 
-def _build(source, name, device, dtype, max_context, max_sessions, chat_template) -> Engine:
+def _build(source, name, device, dtype, max_context, max_sessions, chat_template, compile=False) -> Engine:
     from transformers import AutoConfig
 
     try:
@@ -182,6 +188,8 @@ def _build(source, name, device, dtype, max_context, max_sessions, chat_template
     except Exception as e:
         raise EngineError(f"cannot read the model config of {name}: {e}") from e
     if _is_multimodal(config):
+        if compile:
+            raise InvalidArgument(f"compile=True is offered for text models only, and {name} is multimodal")
         from .hf_multimodal import load_multimodal
 
         return load_multimodal(source, name, config, device, dtype, max_context, max_sessions, chat_template)
@@ -196,7 +204,7 @@ def _build(source, name, device, dtype, max_context, max_sessions, chat_template
         raise EngineError(f"cannot load {name} as a causal LM: {e}") from e
     return HFTextEngine(
         model, tokenizer, name=name, max_context=max_context, max_sessions=max_sessions,
-        chat_template=chat_template,
+        chat_template=chat_template, compile=compile,
     )
 
 

@@ -57,6 +57,10 @@ CASES: list[EngineCase] = [EngineCase("smollm2", default_engine, chat_prompts, a
 
 # Multimodal families append their tiny-model cases (tests/tiny_models.py).
 if importlib.util.find_spec("tests.tiny_models") is not None:
-    from tests.tiny_models import MULTIMODAL_CASES
+    from tests.tiny_models import MULTIMODAL_CASES, compiled_engine
 
     CASES.extend(MULTIMODAL_CASES)
+    # The same contract on a fixed-size cache with a torch.compile'd decode step.
+    # Rotary angles are float32 even in a float64 model, and inductor's sin/cos
+    # differ from eager's in the last bit (6e-8), hence a float32-sized tolerance.
+    CASES.append(EngineCase("tiny-llama-compiled", compiled_engine, chat_prompts, atol=1e-5))

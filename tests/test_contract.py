@@ -10,6 +10,7 @@ import threading
 
 import pytest
 import torch
+from transformers import StaticCache
 
 from engines import (
     ContextFull,
@@ -375,8 +376,12 @@ def test_capacity_matches_the_measured_kv_cache(case, session):
     session.prefill(c.prompts(engine)[0])
     cache = session._cache  # adapter detail: measure what the KV really holds
     held = sum(l.keys.nbytes + l.values.nbytes for l in cache.layers if getattr(l, "is_initialized", False))
-    per_token = held / session.position
     cap = engine.capacity
+    if isinstance(cache, StaticCache):  # a compiled engine's cache is allocated whole at the first prefill
+        assert held == cap.estimated_bytes_per_session
+        per_token = held / cap.max_context_len
+    else:
+        per_token = held / session.position
     assert per_token <= cap.kv_bytes_per_token
     assert per_token == pytest.approx(cap.kv_bytes_per_token, rel=0.5)
     assert cap.estimated_bytes_per_session == cap.kv_bytes_per_token * cap.max_context_len

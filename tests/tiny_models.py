@@ -108,6 +108,15 @@ def _init(model_cls, config):
 # --------------------------------------------------------------------------- families
 
 
+def build_llama_text() -> Path:
+    """A text-only Llama, for the compiled path (engines/compiled.py)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = make_tokenizer([])
+    tok.chat_template = _template()
+    return _save("llama-text", _init(LlamaForCausalLM, LlamaConfig(**_text(len(tok)))), tok)
+
+
 def build_llava() -> Path:
     from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
                               LlavaProcessor)
@@ -354,6 +363,14 @@ def tiny_engine(family: str, max_sessions: int = 4):
     engine = load_engine(str(_built(family)), device="cpu", dtype="float64", max_sessions=max_sessions)
     # Matrices this small gain nothing from threads, and on a busy CPU each
     # OpenMP barrier can wait milliseconds for a core: one thread is 100x faster.
+    engine.num_threads = 1
+    return engine
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_engine():
+    """The tiny text Llama loaded with compile=True: fixed-size caches, compiled decode step."""
+    engine = load_engine(str(build_llama_text()), device="cpu", dtype="float64", compile=True)
     engine.num_threads = 1
     return engine
 
