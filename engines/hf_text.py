@@ -1,10 +1,12 @@
 """transformers causal LMs behind the Engine / Session contract.
 
 Knows nothing of Gradio or of conversations. One forward per prefill or
-decode step, on a cache owned by the session (`kv.new_cache`); the weights are shared
-and forwards on them are serialised by the engine's lock.
+decode step, on a cache owned by the session (`HFTextEngine.new_cache`); the
+weights are shared and forwards on them are serialised by the engine's lock.
 
-Differences from the contract: none. Extras: `top_logprobs(k)`.
+Differences from the contract: none. With `compile=True` the cache is a
+fixed-size `StaticCache` and seek still works (DESIGN.md allows a static cache
+to refuse it; this one need not). Extras: `top_logprobs(k)`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -110,9 +113,11 @@ class HFTextEngine(Engine):
                 f"and {self.name} cannot: {why}; load it with compile=False"
             )
         step = CompiledStep(self.model, self.max_context)
+        print(f"compile=True: each session's KV cache is allocated whole, {self.max_context} tokens, "
+              f"{self.capacity.estimated_bytes_per_session / 2**20:.0f} MiB; --max-context caps it",
+              file=sys.stderr)
         with self.lock:
-            use_threads(self, 1)  # the graph is guarded on the thread count: compile with the step's
-            step.warm_up()
+            step.warm_up(decode_threads(self))
         return step
 
     # -- sessions

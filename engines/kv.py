@@ -1,5 +1,6 @@
-"""Small helpers over transformers' DynamicCache that report what they did,
-and a full-attention cache layer that grows without a copy per token."""
+"""Small helpers over transformers' caches (DynamicCache, and the StaticCache
+of compiled engines) that report what they did, and a full-attention cache
+layer that grows without a copy per token."""
 
 from __future__ import annotations
 

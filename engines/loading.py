@@ -76,14 +76,15 @@ def load_engine(
         max_sessions: how many sessions may be open at once.
         compile: give each session a fixed-size cache and `torch.compile` the
             decode step (compiled at load). Text models with full attention
-            only. Meant for CUDA; on CPU it compiles for a minute and is no faster.
+            only. Meant for CUDA; on CPU it compiles for a minute and decodes
+            slower (x0.87 of eager with a 2,048-token context, x0.44 with 8,192).
     """
     if not isinstance(spec, str) or not spec.strip():
         raise InvalidArgument(f"model spec must be a non-empty str, got {spec!r}")
-    dev, dt = resolve_device(device, dtype)
-    source, name = _resolve(spec)
     if not isinstance(compile, bool):
         raise InvalidArgument(f"compile must be True or False, got {compile!r}")
+    dev, dt = resolve_device(device, dtype)
+    source, name = _resolve(spec)
     return _build(source, name, dev, dt, max_context, max_sessions, chat_template, compile)
 
 

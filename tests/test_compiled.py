@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralFo
 
 from app import parse_args
 from engines import ContextFull, InvalidArgument, MultimodalInput as MI, load_engine
-from engines.hf_text import HFTextEngine
+from engines.hf_text import DECODE_THREADS_ENV, HFTextEngine
 from tests.cases import greedy_ids
 from tests.tiny_models import _built, compiled_engine, make_tokenizer
 
@@ -68,6 +68,22 @@ def test_the_fixed_size_cache_ends_at_the_context_and_can_rewind_from_there():
         s.seek(10)
         s.prefill([MI.tokens([7, 8, 9])])
         assert torch.allclose(s.pending_logits, _no_cache_logits(engine, s.tokens), atol=1e-5)
+        greedy_ids(s, 3)  # compiled steps, with hundreds of stale slots past the position
+        assert torch.allclose(s.pending_logits, _no_cache_logits(engine, s.tokens), atol=1e-5)
+
+
+def test_steps_run_with_the_thread_count_they_were_compiled_for(monkeypatch):
+    engine = compiled_engine()
+    graphs = counters["stats"]["unique_graphs"]
+    seen = []
+    step = engine.compiled._step
+    monkeypatch.setattr(engine.compiled, "_step", lambda **kw: seen.append(torch.get_num_threads()) or step(**kw))
+    monkeypatch.setenv(DECODE_THREADS_ENV, str(engine.compiled.threads + 1))  # changed after load
+    with engine.create_session() as s:
+        s.prefill([MI.tokens([5, 6, 7])])
+        greedy_ids(s, 3)
+    assert seen and set(seen) == {engine.compiled.threads}
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def _tiny(cls, config_cls, **kw):
@@ -93,11 +109,15 @@ def test_the_app_flag_and_its_environment_variable(monkeypatch):
     assert parse_args(["--compile"]).compile is True
     monkeypatch.setenv("PLAYGROUND_COMPILE", "1")
     assert parse_args([]).compile is True
+    monkeypatch.setenv("PLAYGROUND_COMPILE", "0")
+    assert parse_args([]).compile is False
 
 
 def test_compiled_smollm2_replies_and_regenerates_like_the_default_engine(smol, monkeypatch):
     """The real default model, compiled (about a minute and a half on a 2-core CPU)."""
+    threads = torch.get_num_threads()
     engine = load_engine("smollm2", device=smol.device.type, dtype=smol.dtype, max_context=512, compile=True)
+    assert torch.get_num_threads() == threads  # compiling for the decode step's count left the caller's alone
     calls = _count_steps(engine, monkeypatch)
     prompt = smol.render([{"role": "user", "content": "Name three colours."}])
     with smol.create_session() as ref, engine.create_session() as s:
