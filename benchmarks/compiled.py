@@ -26,11 +26,12 @@ def regen_ttft(engine, ids: list[int]) -> dict:
         return {"ttft_s": now() - t0}
 
 
-def run(engine, reps: int, n_tokens: int, history: int = 1024) -> dict:
-    """The compiled engine twice: over the model's whole context, as `--compile`
-    gives it, and with `max_context` capped at twice the history."""
+def run(engine, reps: int, n_tokens: int, history: int = 1024, caps=None) -> dict:
+    """A compiled engine per cache size in `caps` (None: the model's whole context,
+    as `--compile` gives it). By default that and twice the history."""
     engines, compile_s = {"eager": engine}, {}
-    for name, cap in (("compiled", None), (f"compiled_ctx{2 * history}", 2 * history)):
+    for cap in caps or (None, 2 * history):
+        name = "compiled" if cap is None else f"compiled_ctx{cap}"
         comp = load_engine("smollm2", device=engine.device.type, dtype=engine.dtype, max_context=cap, compile=True)
         comp.num_threads = engine.num_threads
         engines[name], compile_s[name] = comp, comp.compiled.compile_s

@@ -29,9 +29,9 @@ OPTIONAL = ("compiled",)  # compiles for a minute or more
 def params(quick: bool) -> dict:
     if quick:
         return dict(reps=1, tokens=6, turns=2, reply=6, lengths=(128,), ui_tokens=6, warm_reps=1, cold_reps=0,
-                    mem_context=128)
+                    mem_context=128, compiled_caps=(512,))  # one compile, the shape tests/test_compiled.py has
     return dict(reps=5, tokens=64, turns=10, reply=64, lengths=(256, 1024, 2048), ui_tokens=64, warm_reps=5,
-                cold_reps=2, mem_context=1024)
+                cold_reps=2, mem_context=1024, compiled_caps=None)
 
 
 def run_section(name: str, engine, p: dict) -> dict:
@@ -62,7 +62,8 @@ def run_section(name: str, engine, p: dict) -> dict:
         return ui_stream.run(p["reps"], p["ui_tokens"])
     if name == "compiled":
         from . import compiled
-        return compiled.run(engine, p["reps"], p["tokens"], history=max(p["lengths"]) // 2)
+        return compiled.run(engine, p["reps"], p["tokens"], history=max(p["lengths"]) // 2,
+                            caps=p["compiled_caps"])
     if name == "startup":
         from . import startup
         return startup.run(p["warm_reps"], p["cold_reps"])

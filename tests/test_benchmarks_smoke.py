@@ -62,3 +62,19 @@ def test_quick_benchmarks_report_every_section(tmp_path):
     assert positive(r["startup"]["warm"]["first_token_s"]["median"])
     g = r["llamacpp"]
     assert "skipped" in g or positive(g["llama_cpp_q4_1"]["tok_s"]["median"])
+
+
+def test_quick_compiled_section_reports_compiled_against_eager(tmp_path):
+    """(h) is opt-in (it compiles); quick mode compiles one 512-token cache."""
+    out = tmp_path / "compiled.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    p = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--only", "compiled", "--out", str(out)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    c = json.loads(out.read_text())["compiled"]
+    assert c["cache_tokens"] == {"eager": c["cache_tokens"]["eager"], "compiled_ctx512": 512}
+    for case in ("eager_decode_one", "compiled_ctx512_decode_one"):
+        assert positive(c[case]["tok_s"]["median"]) and positive(c[case]["ttft_s"]["median"]), case
+    assert positive(c["compiled_ctx512_regenerate_at_64"]["ttft_s"]["median"])
+    assert positive(c["compile_s"]["compiled_ctx512"]) and all(positive(v) for v in c["ratios"].values())
+    assert "(h) compile=True" in p.stdout  # the table prints it
