@@ -433,8 +433,12 @@ def test_step_by_step_reply_replays_from_its_recorded_seed(smol):
     "".join(conv.send([MI.text("Pick a random word.")], hot, 1))  # start a reply, then step it
     for _ in range(4):
         conv.step(hot)
+        if conv.last_stats.finish_reason == "eos":
+            # A further step would draw past the EOS, which a replay, stopping there, cannot repeat
+            # (about 1 seed in 13 here).
+            break
     reply = conv.turns[-1]
-    assert len({reply.sampling["seed"]}) == 1 and len(reply.token_ids) >= 2
+    assert reply.sampling["seed"] is not None and reply.token_ids
     replay = SamplingConfig.from_dict(reply.sampling)
     "".join(conv.regenerate(replay, len(reply.token_ids)))
     assert conv.turns[-1].token_ids == reply.token_ids
