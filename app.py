@@ -25,7 +25,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=env("PLAYGROUND_DEVICE", "auto"), choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default=env("PLAYGROUND_DTYPE"), help="float32, bfloat16, float16 (default: per device)")
     p.add_argument("--max-context", type=int, default=None, help="cap the context length")
-    p.add_argument("--compile", action="store_true", default=env("PLAYGROUND_COMPILE", "").lower() in ("1", "true", "yes"),
+    p.add_argument("--compile", action="store_true",
+                   default=env("PLAYGROUND_COMPILE", "").lower() in ("1", "true", "yes"),
                    help="fixed-size caches and a torch.compile'd decode step, compiled at start-up "
                         "(text models with full attention; meant for CUDA)")
     p.add_argument("--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"))

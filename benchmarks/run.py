@@ -3,8 +3,8 @@
     python -m benchmarks.run [--quick] [--out benchmarks/out/results.json] [--only decode,regen,...]
 
 Sections: decode (a), multiturn (b), regen (c), startup (d), ui (e), memory (f),
-llamacpp (g), and compiled (h), which runs only when named in --only. Peers inside a section run interleaved, repetition by repetition,
-after a warm-up, so they share the machine's background load; the table shows
+llamacpp (g), and compiled (h), which runs only when named in --only. Peers
+inside a section run interleaved, repetition by repetition, after a warm-up, so they share the machine's background load; the table shows
 medians (and mins) and same-run ratios. `--quick` is the CI smoke mode:
 one repetition, few tokens, small histories.
 """

@@ -194,9 +194,9 @@ class HFTextEngine(Engine):
 
     def forward(self, ids: list[int], cache, extras: dict, session) -> torch.Tensor:
         """One forward of `ids` on `cache`; returns the last position's logits."""
-        use_threads(self, len(ids))
         if self.compiled and len(ids) == 1 and not extras:
-            return self.compiled(ids[0], cache)
+            return self.compiled(ids[0], cache)  # sets the threads it was compiled for
+        use_threads(self, len(ids))
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **extras)
         return out.logits[0, -1]
