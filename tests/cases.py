@@ -1,14 +1,16 @@
 """Engines the shared contract suite runs over.
 
-Each `EngineCase` gives an engine and prompts to prefill. Multimodal families
-register their tiny models here too, with prompts that carry media, so that
-every adapter passes the same contract tests (tests/test_contract.py).
+Each `EngineCase` gives an engine and prompts to prefill. The suite
+(tests/test_contract.py) uses only what engines/base.py declares; the two
+things no contract can declare, breaking a session's next request and
+measuring its KV, are hooks here. Multimodal families register their tiny
+models too, with prompts that carry media.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import importlib.util
 from dataclasses import dataclass
 from typing import Callable
 
@@ -22,7 +24,11 @@ class EngineCase:
     # Three different prompts (lists of inputs). prompts[0] and prompts[1] may
     # carry media; `suffix` is plain text appended in seek tests.
     prompts: Callable[[Engine], list[list[MI]]]
-    atol: float = 1e-3  # logits tolerance: chunked prefill is not bitwise equal
+    atol: float = 1e-3  # log-probability tolerance: chunked prefill is not bitwise equal
+    # break_session(engine, monkeypatch, session): make that session's next model call fail.
+    break_session: Callable | None = None
+    # kv_held(engine, session) -> (bytes the KV holds, tokens it was sized for).
+    kv_held: Callable | None = None
 
 
 def chat_prompts(engine: Engine) -> list[list[MI]]:
@@ -49,18 +55,95 @@ def greedy_ids(session, n: int) -> list[int]:
 
 @functools.lru_cache(maxsize=None)
 def default_engine() -> Engine:
-    """The real embedded default, loaded once per test run."""
-    return load_engine("smollm2")
+    """The real embedded default on transformers, loaded once per test run."""
+    return load_engine("smollm2", backend="transformers")
 
 
-CASES: list[EngineCase] = [EngineCase("smollm2", default_engine, chat_prompts, atol=2e-3)]
+@functools.lru_cache(maxsize=None)
+def llamacpp_engine() -> Engine:
+    """The same GGUF on llama.cpp in process."""
+    return load_engine("smollm2", backend="llama.cpp", max_context=4096)
 
-# Multimodal families append their tiny-model cases (tests/tiny_models.py).
-if importlib.util.find_spec("tests.tiny_models") is not None:
-    from tests.tiny_models import MULTIMODAL_CASES, compiled_engine
 
-    CASES.extend(MULTIMODAL_CASES)
-    # The same contract on a fixed-size cache with a torch.compile'd decode step.
-    # Rotary angles are float32 even in a float64 model, and inductor's sin/cos
-    # differ from eager's in the last bit (6e-8), hence a float32-sized tolerance.
-    CASES.append(EngineCase("tiny-llama-compiled", compiled_engine, chat_prompts, atol=1e-5))
+ENGINES = {"transformers": default_engine, "llama.cpp": llamacpp_engine}
+
+
+# -- hooks: transformers
+
+
+def break_hf_session(engine, monkeypatch, sick):
+    real = engine.forward
+
+    def broken(ids, cache, extras, session):
+        if session is sick:
+            raise RuntimeError("simulated device failure")
+        return real(ids, cache, extras, session)
+
+    monkeypatch.setattr(engine, "forward", broken)
+
+
+def hf_kv_held(engine, session):
+    from transformers import StaticCache
+
+    cache = session._cache  # adapter detail: measure what the KV really holds
+    held = sum(l.keys.nbytes + l.values.nbytes for l in cache.layers if getattr(l, "is_initialized", False))
+    if isinstance(cache, StaticCache):  # allocated whole at the first prefill
+        return held, engine.capacity.max_context_len
+    return held, session.position
+
+
+# -- hooks: llama.cpp and servers speaking its protocol
+
+
+def break_server_session(engine, monkeypatch, sick):
+    def failing(real):
+        def call(*args, **kwargs):
+            request = args[0] if args and isinstance(args[0], dict) else None
+            slot = request.get("id_slot") if request else args[0]
+            if slot == sick.slot:
+                raise RuntimeError("simulated device failure")
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(engine, "stream", failing(engine.stream))
+    monkeypatch.setattr(engine, "evaluate", failing(engine.evaluate))
+
+
+def server_kv_held(engine, session):
+    """A slot save writes the slot's KV: its size over its tokens is the KV per token."""
+    with contextlib.suppress(Exception):
+        session.next_logprobs(1)  # let any open stream finish its current token
+    out = engine.post(f"/slots/{session.slot}?action=save", {"filename": "kv-measure.bin"})
+    return out["n_written"], out["n_saved"]
+
+
+def break_engine(engine, monkeypatch, message="device lost"):
+    """Make every model call of `engine` fail, whatever its backend."""
+    def fail(*args, **kwargs):
+        raise RuntimeError(message)
+
+    names = ("stream", "evaluate") if hasattr(engine, "stream") else ("forward",)
+    for name in names:
+        monkeypatch.setattr(engine, name, fail)
+
+
+CASES: list[EngineCase] = [
+    EngineCase("smollm2", default_engine, chat_prompts, atol=2e-3,
+               break_session=break_hf_session, kv_held=hf_kv_held),
+    # llama.cpp's quantized matrix products differ with batch shape, so a chunked
+    # prefill's log-probabilities differ from one prefill's by up to a few 1e-2.
+    EngineCase("smollm2-llama.cpp", llamacpp_engine, chat_prompts, atol=5e-2,
+               break_session=break_server_session, kv_held=server_kv_held),
+]
+
+from tests.tiny_models import MULTIMODAL_CASES, compiled_engine  # noqa: E402
+
+for _c in MULTIMODAL_CASES:
+    _c.break_session = _c.break_session or break_hf_session
+    _c.kv_held = _c.kv_held or hf_kv_held
+CASES.extend(MULTIMODAL_CASES)
+# The same contract on a fixed-size cache with a torch.compile'd decode step.
+# Rotary angles are float32 even in a float64 model, and inductor's sin/cos
+# differ from eager's in the last bit (6e-8), hence a float32-sized tolerance.
+CASES.append(EngineCase("tiny-llama-compiled", compiled_engine, chat_prompts, atol=1e-5,
+                        break_session=break_hf_session, kv_held=hf_kv_held))
