@@ -190,9 +190,9 @@ class SamplingConfig:
         if self.repetition_penalty <= 0:
             raise InvalidArgument(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.seed is not None and (
-            isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63
         ):
-            raise InvalidArgument(f"seed must be an int >= 0 or None, got {self.seed!r}")
+            raise InvalidArgument(f"seed must be an int in 0..2**63-1 or None, got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
@@ -297,7 +297,11 @@ class Session(abc.ABC):
 
     @abc.abstractmethod
     def stop(self) -> None:
-        """Request that the next `decode_one` end the stream. Thread-safe."""
+        """Request that the next `decode_one` end the stream. Thread-safe.
+
+        A `decode_one` already running may end with the terminal step too, when
+        the request comes before its forward starts (while it waits for other
+        sessions' forwards): a stop never waits behind other conversations."""
 
     @abc.abstractmethod
     def can_seek(self, pos: int) -> bool:
@@ -322,10 +326,45 @@ class Session(abc.ABC):
     def close(self) -> None:
         """Free the session and its capacity slot. Idempotent."""
 
+    # Optional capabilities. A caller checks for NotSupported (or None) and does
+    # without: the conversation then shows tokens without probabilities, and the
+    # contract suite compares greedy tokens instead of distributions.
+
     def top_logprobs(self, k: int = 5) -> list[tuple[int, str, float]]:
         """Optional: the top `k` (id, text, logprob) of the last decode step's
-        distribution, before sampling settings. Adapters may not offer it."""
+        distribution, before sampling settings; [] before any step. Serving
+        engines report only the top few (their `top_k_logprobs`)."""
         raise NotSupported(f"{type(self).__name__} does not report token probabilities")
+
+    def logprob(self, token_id: int) -> float | None:
+        """Optional: the log-probability of `token_id` in the last decode step's
+        distribution; None when unknown (no step yet, or outside what is reported)."""
+        return None
+
+    def next_logprobs(self, k: int = 5) -> list[tuple[int, float]]:
+        """Optional: the top `k` (id, logprob) of the pending next-token
+        distribution, the one the next `decode_one` samples from, best first;
+        [] when nothing is resident. It never changes the session's state.
+        The contract suite's oracle: after seek, it agrees with a fresh session's."""
+        raise NotSupported(f"{type(self).__name__} does not report its pending distribution")
+
+    def fork(self) -> "Session":
+        """Optional: a new, independent session with the same resident tokens and
+        the same pending logits, made at the cost the engine allows (a cache copy)
+        instead of a prefill. For sampling several replies from one prompt.
+
+        - Afterwards the two sessions share nothing: each decodes, seeks, resets
+          and closes on its own, and neither sees the other's tokens. Greedy
+          decoding on the fork equals greedy decoding on the original.
+        - The fork's first `decode_one` seeds its generator from `sampling.seed`,
+          as after a prefill. A pending stop request is not copied.
+        - A fork holds a capacity slot, like `Engine.create_session`: with no room
+          it raises `EngineError` ("busy"), and nothing changes.
+        - Raises `NotSupported` where the engine cannot copy a session (the
+          default); callers then create a session and prefill `tokens` again.
+        - A poisoned or closed session raises as any other call would.
+        """
+        raise NotSupported(f"{type(self).__name__} cannot fork; create a session and prefill its tokens instead")
 
     def __enter__(self):
         return self
@@ -343,6 +382,7 @@ class Engine(abc.ABC):
     """
 
     name: str
+    backend: str = ""  # "transformers", "llama.cpp", "llama-server", "vllm", "sglang"
     modalities: frozenset
     capacity: ServingCapacity
     eos_token_ids: frozenset
@@ -373,3 +413,18 @@ class Engine(abc.ABC):
     @property
     def open_sessions(self) -> int:
         return 0
+
+    def decode_batch(self, sessions: Sequence[Session], samplings: Sequence[SamplingConfig]) -> list[DecodeResult]:
+        """Optional speed-up: one `decode_one(samplings[i])` on each of `sessions`
+        (sessions of this engine), returned in order.
+
+        The default steps them in turn. An engine that can forward several
+        sessions in one batch overrides it; each result and each session's state
+        then equal what its own `decode_one` gives, except that a batched forward
+        may round differently (logits agree within the seek tolerance). A stop
+        request ends only its own session's step. Errors are those of
+        `decode_one`; sessions before the failing one may have advanced.
+        """
+        if len(sessions) != len(samplings):
+            raise InvalidArgument(f"{len(sessions)} sessions but {len(samplings)} sampling configs")
+        return [s.decode_one(c) for s, c in zip(sessions, samplings)]

@@ -24,6 +24,7 @@ Where this differs from the transformers engine (engines/base.py allows it):
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import random
 import threading
@@ -46,6 +47,23 @@ from .base import (
 )
 
 FIRST_WINDOW, LAST_WINDOW = 16, 256  # tokens a stream may run ahead of the reader
+
+# Streams whose request is still running. A stop does not wait for its stream to
+# end (that takes one more token); exit does, since a thread still inside
+# llama.cpp's handle_completions when Python exits aborts the process.
+_LIVE: set = set()
+_LIVE_LOCK = threading.Lock()
+
+
+@atexit.register
+def end_all_streams(timeout: float = 30.0) -> None:
+    """Cancel every running stream and wait for each to end."""
+    with _LIVE_LOCK:
+        live = list(_LIVE)
+    for s in live:
+        s.cancel()
+    for s in live:
+        s.thread.join(timeout)
 
 
 @dataclass(frozen=True)
@@ -132,6 +150,8 @@ class _Stream:
         self.produced = 0  # tokens the server reported so far (lost ones included)
         self._engine = engine
         self.thread = threading.Thread(target=self._run, name="completion-stream", daemon=True)
+        with _LIVE_LOCK:
+            _LIVE.add(self)
         self.thread.start()
 
     def _run(self):
@@ -148,6 +168,8 @@ class _Stream:
                 self.finished = True
             self.ended = True
             self.cond.notify_all()
+        with _LIVE_LOCK:
+            _LIVE.discard(self)
 
     def _on_chunk(self, chunk: dict) -> bool:
         try:
@@ -184,10 +206,10 @@ class _Stream:
             self.cancelled = True
             self.cond.notify_all()
 
-    def close(self, timeout: float = 30.0) -> None:
-        """Cancel and wait for the request to end (a thread left inside the server aborts the process at exit)."""
+    def close(self) -> None:
+        """Cancel without waiting: the request ends at the server's next token, and
+        a later request on the same slot waits for it there."""
         self.cancel()
-        self.thread.join(timeout)
 
 
 class CompletionSession(Session):

@@ -26,6 +26,7 @@ import weakref
 from pathlib import Path
 
 from .base import EngineError, InvalidArgument
+from .completions import end_all_streams
 from .gguf_meta import arch_value, kv_bytes_per_token, read_metadata
 from .llama_server import LlamaServerEngine
 
@@ -136,6 +137,7 @@ class LlamaCppEngine(LlamaServerEngine):
         """End every stream (a thread left inside llama.cpp aborts the process at exit)."""
         for s in list(self._sessions.values()):
             s._close_stream()
+        end_all_streams()
         shutil.rmtree(self._slot_dir, ignore_errors=True)
 
 

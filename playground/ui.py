@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import gradio as gr
 
-from playground.sessions import SessionManager
-from playground.ui_handlers import Handlers, default_make_conversation
+from engines.speech import LANGUAGES
+from playground.sessions import RateLimit, SessionManager
+from playground.ui_handlers import DEFAULT_MAX_TRANSCRIPT_MB, Handlers, default_make_conversation
 from playground.ui_inputs import DEFAULT_MAX_FILE_MB, describe_modalities
-from playground.ui_render import CSS, TOKEN_JS, context_html
+from playground.ui_branches import COMPARE_SLOTS, BranchHandlers
+from playground.ui_render import BRANCH_JS, CSS, KEEP_JS, TOKEN_JS, compare_html, context_html
 
 
 def build_ui(engine, *, max_sessions: int | None = None, max_new_tokens_cap: int = 512,
              default_max_new_tokens: int = 128, idle_timeout_s: float = 900.0,
              max_file_mb: float = DEFAULT_MAX_FILE_MB, make_conversation=default_make_conversation,
-             title: str | None = None) -> gr.Blocks:
+             title: str | None = None, max_prompt_tokens: int | None = None,
+             max_transcript_mb: float = DEFAULT_MAX_TRANSCRIPT_MB, rate_limit: RateLimit | None = None,
+             transcriber=None) -> gr.Blocks:
     """The playground for `engine`. The returned Blocks has `.sessions` (the SessionManager).
 
     Args:
@@ -28,20 +32,29 @@ def build_ui(engine, *, max_sessions: int | None = None, max_new_tokens_cap: int
         max_new_tokens_cap: the most tokens one action may generate (for public Spaces).
         idle_timeout_s: a tab idle this long is freed.
         max_file_mb: the upload limit, also passed to `launch` by `launch()`.
+        max_prompt_tokens: the most tokens one new message may have, media expanded (None: no limit;
+            `app.py` sets 4096).
+        max_transcript_mb: the largest transcript file an import reads.
+        rate_limit: actions per tab (`sessions.RateLimit`); None: no limit. docs/reliability.md.
+        transcriber: an `engines.speech.Transcriber`: recordings become text for a model that takes
+            no audio (and, on request, for one that does). None: no speech to text. docs/speech.md.
     """
     cap_sessions = engine.capacity.max_sessions
     max_sessions = min(max_sessions or cap_sessions, cap_sessions)
-    sessions = SessionManager(engine, make_conversation, max_sessions, idle_timeout_s)
+    sessions = SessionManager(engine, make_conversation, max_sessions, idle_timeout_s, rate_limit=rate_limit)
     max_context = engine.capacity.max_context_len
     modalities = engine.modalities
-    model = engine.name
-    h = Handlers(engine, sessions, max_new_tokens_cap, max_file_mb)
+    model = f"{engine.name} on {engine.backend}" if getattr(engine, "backend", "") else engine.name
+    h = Handlers(engine, sessions, max_new_tokens_cap, max_file_mb, max_prompt_tokens=max_prompt_tokens,
+                 max_transcript_mb=max_transcript_mb, transcriber=transcriber)
 
     # ------------------------------------------------------------------ layout
 
     accepts = describe_modalities(modalities)
+    hears = transcriber is not None and "audio" not in modalities  # speech always becomes text
     with gr.Blocks(title=title or f"LLM session playground · {model}") as demo:
-        gr.Markdown(f"### LLM session playground · `{model}` · takes {accepts}")
+        gr.Markdown(f"### LLM session playground · `{model}` · takes {accepts}"
+                    + (" · 🎤 speech is transcribed by Whisper-base" if hears else ""))
         stored = gr.BrowserState({"messages": []}, storage_key="llm-playground-transcript")
         with gr.Row():
             with gr.Column(scale=3):
@@ -50,7 +63,8 @@ def build_ui(engine, *, max_sessions: int | None = None, max_new_tokens_cap: int
                                      placeholder=f"Chat with {model}.")
                 box = gr.MultimodalTextbox(
                     elem_id="box", sources=["upload", "microphone"], file_count="multiple", stop_btn=True,
-                    placeholder=f"Type a message ({model} takes {accepts})", show_label=False)
+                    placeholder=f"Type or record a message ({model} takes {accepts}; recordings become text)"
+                    if hears else f"Type a message ({model} takes {accepts})", show_label=False)
                 status = gr.Markdown("", elem_id="status")
                 with gr.Row():
                     stop_btn = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop")
@@ -58,11 +72,13 @@ def build_ui(engine, *, max_sessions: int | None = None, max_new_tokens_cap: int
                     continue_btn = gr.Button("Continue", elem_id="continue")
                     step_btn = gr.Button("Step", elem_id="step")
                     reset_btn = gr.Button("Reset", elem_id="reset")
+                    compare_btn = gr.Button("Compare", elem_id="compare")
+                compare_panel = gr.HTML(compare_html(None), elem_id="compare-panel", js_on_load=KEEP_JS)
                 gr.Markdown("**Tokens of the last reply**")
                 tokens = gr.HTML(tokens_html_empty(), elem_id="token-view", js_on_load=TOKEN_JS)
             with gr.Column(scale=2):
                 gr.Markdown("**Context**")
-                context = gr.HTML(context_html_empty(max_context), elem_id="context")
+                context = gr.HTML(context_html_empty(max_context), elem_id="context", js_on_load=BRANCH_JS)
                 raw = gr.Checkbox(False, label="Raw mode (no chat template: text is prefilled as is and continued)",
                                   elem_id="raw")
                 system_prompt = gr.Textbox("", label="System prompt", lines=2, elem_id="system")
@@ -75,6 +91,25 @@ def build_ui(engine, *, max_sessions: int | None = None, max_new_tokens_cap: int
                     max_new = gr.Slider(1, max_new_tokens_cap, value=min(default_max_new_tokens, max_new_tokens_cap),
                                         step=1, label=f"Max new tokens (≤ {max_new_tokens_cap})", elem_id="max-new")
                     stops = gr.Textbox("", label="Stop strings (one per line, \\n allowed)", lines=2, elem_id="stops")
+                with gr.Accordion("Compare settings", open=False, elem_id="compare-settings"):
+                    compare_n = gr.Radio([2, 3, 4], value=3, label="Replies side by side", elem_id="compare-n")
+                    compare_knobs = []
+                    for j in range(COMPARE_SLOTS):
+                        with gr.Row():
+                            compare_knobs += [
+                                gr.Number(0.7 if j < 2 else 1.0, label=f"#{j + 1} temperature", minimum=0,
+                                          maximum=2, step=0.05, elem_id=f"compare-t{j + 1}"),
+                                gr.Number(j + 1, label=f"#{j + 1} seed (-1 = random)", precision=0,
+                                          elem_id=f"compare-seed{j + 1}")]
+                with gr.Accordion("Speech", open=False, visible=transcriber is not None):
+                    transcribe_first = gr.Checkbox(
+                        hears, label="Transcribe audio first (Whisper-base)", interactive=not hears,
+                        info=f"{model} takes no audio: recordings are always transcribed." if hears
+                        else "The model gets the text heard in a recording instead of the audio.",
+                        elem_id="transcribe-first")
+                    speech_language = gr.Dropdown(
+                        [("Detect automatically", "auto")] + [(f"{n} ({c})", c) for c, n in LANGUAGES.items()],
+                        value="auto", label="Speech language", allow_custom_value=True, elem_id="speech-language")
                 with gr.Accordion("Transcript", open=False):
                     export_btn = gr.Button("Export transcript (JSON)")
                     export_file = gr.File(label="Exported transcript", interactive=False)
@@ -86,30 +121,41 @@ def build_ui(engine, *, max_sessions: int | None = None, max_new_tokens_cap: int
             api_text = gr.Textbox("")
             api_edit_btn = gr.Button("edit")
             api_rewind_btn = gr.Button("rewind")
+            api_switch_btn = gr.Button("switch")
+            api_keep_btn = gr.Button("keep")
 
         # ------------------------------------------------------------------ events
         knobs = [temperature, top_p, top_k, rep, seed, max_new, stops]
         ctx_in = [system_prompt, raw, stored]
         outs = [chatbot, box, status, context, tokens, stop_btn, regen_btn, continue_btn, step_btn, reset_btn,
-                import_btn, stored]
+                import_btn, compare_panel, compare_btn, stored]
         h.button_labels = tuple(b.value for b in outs[5:10])
+        h.compare_label = compare_btn.value
+        b = BranchHandlers(h)
         gen_kw = dict(outputs=outs, concurrency_id="generate", concurrency_limit=max_sessions, show_progress="hidden")
         quick_kw = dict(outputs=outs, concurrency_limit=None, show_progress="hidden")
 
         streams = [
-            box.submit(h.on_send, [box, *knobs, *ctx_in], api_name="send", **gen_kw),
+            box.submit(h.on_send, [box, *knobs, *ctx_in, transcribe_first, speech_language], api_name="send",
+                       **gen_kw),
             regen_btn.click(h.make_simple("regenerate"), [*knobs, *ctx_in], api_name="regenerate", **gen_kw),
             chatbot.retry(h.make_simple("regenerate"), [*knobs, *ctx_in], api_visibility="undocumented", **gen_kw),
             continue_btn.click(h.make_simple("continue_reply"), [*knobs, *ctx_in], api_name="continue", **gen_kw),
             step_btn.click(h.make_simple("step"), [*knobs, *ctx_in], api_name="step", **gen_kw),
             chatbot.edit(h.on_chat_edit, [chatbot, *knobs, *ctx_in], api_visibility="undocumented", **gen_kw),
             api_edit_btn.click(h.on_api_edit, [api_turn, api_text, *knobs, *ctx_in], api_name="edit", **gen_kw),
+            compare_btn.click(b.on_compare, [box, compare_n, *compare_knobs, top_p, top_k, rep, max_new, stops,
+                                             *ctx_in], api_name="compare", **gen_kw),
         ]
         for trigger, vis in ((stop_btn.click, "public"), (box.stop, "private")):
             trigger(h.on_stop, None, None, cancels=streams, concurrency_limit=None, queue=False,
                     api_name="stop" if vis == "public" else None, api_visibility=vis).then(
                 h.refresh, None, api_visibility="undocumented", **quick_kw)
         tokens.select(h.on_token_click, ctx_in, api_visibility="undocumented", **quick_kw)
+        context.select(b.on_branch_click, ctx_in, api_visibility="undocumented", **quick_kw)
+        compare_panel.select(b.on_keep_click, ctx_in, api_visibility="undocumented", **quick_kw)
+        api_switch_btn.click(b.on_api_switch, [api_turn, api_offset, *ctx_in], api_name="switch", **quick_kw)
+        api_keep_btn.click(b.on_api_keep, [api_offset, *ctx_in], api_name="keep", **quick_kw)
         api_rewind_btn.click(h.on_api_rewind, [api_turn, api_offset, *ctx_in], api_name="rewind", **quick_kw)
         chatbot.undo(h.on_undo, ctx_in, api_name="undo", **quick_kw)
         reset_btn.click(h.on_reset, ctx_in, api_name="reset", **quick_kw)
@@ -145,4 +191,7 @@ def launch(demo: gr.Blocks, **kwargs):
     """`demo.launch` with the playground's CSS and upload limit filled in."""
     kwargs.setdefault("css", CSS)
     kwargs.setdefault("max_file_size", f"{getattr(demo, 'max_file_mb', DEFAULT_MAX_FILE_MB):g}mb")
+    # An API call whose argument Gradio cannot convert (text for a slider) then says which input
+    # and what it expected, not "the upstream app has raised an exception". Handlers never raise.
+    kwargs.setdefault("show_error", True)
     return demo.launch(**kwargs)

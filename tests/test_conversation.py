@@ -16,7 +16,7 @@ from engines import ContextFull, EngineError, InvalidArgument, MultimodalInput a
 from engines import load_engine
 from playground import Conversation
 from playground.prefix import common_prefix
-from tests.cases import greedy_ids
+from tests.cases import ENGINES, break_engine, greedy_ids
 
 GREEDY = SamplingConfig()
 N = 6  # tokens per reply: enough to be a reply, cheap on 2 cores
@@ -49,6 +49,12 @@ TEMPLATES = {
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     ),
 }
+
+
+@pytest.fixture(scope="module", params=list(ENGINES))
+def smol(request):
+    """The default model on each backend: the conversation relies only on the contract."""
+    return ENGINES[request.param]()
 
 
 def say(conv, text, **kw):
@@ -331,8 +337,8 @@ def test_only_one_action_at_a_time(smol):
 
 
 @pytest.fixture(scope="module")
-def small():
-    return load_engine("smollm2", max_context=80)
+def small(smol):
+    return load_engine("smollm2", backend=smol.backend, max_context=80, max_sessions=2)
 
 
 def test_a_turn_that_cannot_fit_raises_context_full_before_any_change(small):
@@ -415,11 +421,10 @@ def test_a_stop_asked_before_the_stream_starts_is_honoured(smol):
 def test_a_failed_forward_is_recovered_from_the_transcript(smol, monkeypatch):
     conv = Conversation(smol)
     say(conv, "Hi")
-    real = smol.forward
-    monkeypatch.setattr(smol, "forward", lambda *a: (_ for _ in ()).throw(RuntimeError("device lost")))
+    break_engine(smol, monkeypatch, "device lost")
     with pytest.raises(EngineError, match="device lost"):
         say(conv, "Still there?")
-    monkeypatch.setattr(smol, "forward", real)
+    monkeypatch.undo()
     turns = [(t.role, t.text) for t in conv.turns]
     say(conv, "Still there?")
     assert conv.last_stats.fallback and conv.last_stats.reused == 0  # rebuilt, nothing lost

@@ -14,10 +14,17 @@ import pytest
 import soundfile
 from gradio_client import Client, handle_file
 
+from tests.cases import ENGINES
 from tests.ui_harness import GREEDY, gauge, reply_text, running_app, stats_text, wait_until
 
 UNCHANGED = {"__type__": "update"}  # what a client sees for a widget the handler left alone
 EMPTY_STORE = {"messages": []}
+
+
+@pytest.fixture(scope="module", params=list(ENGINES))
+def smol(request):
+    """The default model on each backend: the UI relies only on the contract."""
+    return ENGINES[request.param]()
 
 
 @pytest.fixture(scope="module")
