@@ -76,6 +76,7 @@ class Token:
     logprob: float | None
     top: tuple = ()  # ((id, text, logprob), ...) of the distribution it was sampled from
     lost: int = 0
+    lost_ids: tuple = ()  # the skipped ids, where the engine could tell them from the bytes
 
 
 @dataclass
@@ -361,9 +362,14 @@ class CompletionSession(Session):
                 return None
             if item.token is not None:
                 self._stream.pop()
-                if item.token.lost:
-                    return self._recover(item.token)
-                return item.token
+                tok = item.token
+                if tok.lost and len(tok.lost_ids) == tok.lost:
+                    self._ready.extend(Token(t, "", None) for t in tok.lost_ids)
+                    self._ready.append(Token(tok.id, tok.text, tok.logprob, tok.top))
+                    return self._ready.popleft()
+                if tok.lost:
+                    return self._recover(tok)
+                return tok
             # The stream ended: a window used up, or an error.
             self._stream.close()
             self._stream = None

@@ -148,3 +148,53 @@ def kv_bytes_per_token(meta: dict, bytes_per_value: int = 2) -> int:
     k_len = arch_value(meta, "attention.key_length") or (embd // heads if heads else 0)
     v_len = arch_value(meta, "attention.value_length") or k_len
     return int(layers * kv_heads * (k_len + v_len) * bytes_per_value)
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level BPE writes each byte as a printable character; this undoes it."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def token_bytes(path: str | Path) -> list[bytes | None]:
+    """Each vocabulary entry's bytes (None for control tokens), from the GGUF's
+    `tokenizer.ggml.tokens`: byte-level BPE ("gpt2") and SentencePiece ("llama")."""
+    path = Path(path)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        r = _Reader(data, path)
+        r.pos = 8
+        _, n_kv = r.take("Q"), r.take("Q")
+        tokens = types = model = None
+        for _ in range(n_kv):
+            key = r.string()
+            vtype = r.take("I")
+            keep = key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type") or vtype != _ARRAY
+            value = r.value(vtype, keep)
+            if key == "tokenizer.ggml.tokens":
+                tokens = value
+            elif key == "tokenizer.ggml.token_type":
+                types = value
+            elif key == "tokenizer.ggml.model":
+                model = value
+    if tokens is None:
+        raise EngineError(f"{path.name} has no tokenizer.ggml.tokens")
+    types = types or [1] * len(tokens)
+    out: list[bytes | None] = []
+    if model == "gpt2":
+        dec = _byte_decoder()
+        for t, ty in zip(tokens, types):
+            out.append(bytes(dec[c] for c in t) if ty == 1 and all(c in dec for c in t) else None)
+    else:  # SentencePiece: "▁" is a space, "<0xAB>" a raw byte
+        for t, ty in zip(tokens, types):
+            if ty == 6 and len(t) == 6 and t.startswith("<0x"):
+                out.append(bytes([int(t[3:5], 16)]))
+            else:
+                out.append(t.replace("\u2581", " ").encode() if ty == 1 else None)
+    return out

@@ -17,17 +17,19 @@ reached by URL.
 from __future__ import annotations
 
 import atexit
+import itertools
 import os
 import shutil
 import sys
 import tempfile
 import threading
 import weakref
+from dataclasses import replace
 from pathlib import Path
 
 from .base import EngineError, InvalidArgument
 from .completions import end_all_streams
-from .gguf_meta import arch_value, kv_bytes_per_token, read_metadata
+from .gguf_meta import arch_value, kv_bytes_per_token, read_metadata, token_bytes
 from .llama_server import LlamaServerEngine
 
 _ENGINES: "weakref.WeakSet[LlamaCppEngine]" = weakref.WeakSet()
@@ -88,6 +90,7 @@ class LlamaCppEngine(LlamaServerEngine):
             raise EngineError(f"llama.cpp could not load {path.name}: {e}") from e
         self._server = server
         self.gguf_path = path
+        self._vocab = None  # (bytes per id, id per bytes), read on the first skipped id
         super().__init__(
             server.listening_address,
             name=name or meta.get("general.name") or path.stem,
@@ -98,6 +101,45 @@ class LlamaCppEngine(LlamaServerEngine):
             kv_bytes_per_token=kv_bytes_per_token(meta),
         )
         _ENGINES.add(self)
+
+    def parse_chunk(self, chunk: dict, produced: int):
+        parsed = super().parse_chunk(chunk, produced)
+        tok = parsed.token
+        if tok is not None and tok.lost:
+            ids = self._split_lost(tok)
+            if ids:
+                parsed.token = replace(tok, lost_ids=ids)
+        return parsed
+
+    def _split_lost(self, tok) -> tuple | None:
+        """The ids the stream skipped before `tok`, read off the bytes it carries, when
+        only one split of them into vocabulary entries fits; else None (the session
+        then reads them from the slot). Each skipped token left the text ending
+        inside a character: that is why the server held it back."""
+        if self._vocab is None:
+            pieces = token_bytes(self.gguf_path)
+            by_bytes: dict = {}
+            for i, b in enumerate(pieces):
+                if b is not None:
+                    by_bytes[b] = -1 if b in by_bytes else i  # -1: two ids share these bytes
+            self._vocab = (pieces, by_bytes)
+        pieces, by_bytes = self._vocab
+        own = pieces[tok.id] if 0 <= tok.id < len(pieces) else None
+        text = tok.text.encode()
+        if not own or not text.endswith(own) or len(text) - len(own) < tok.lost:
+            return None
+        missing = text[: len(text) - len(own)]
+        found = None
+        for cuts in itertools.combinations(range(1, len(missing)), tok.lost - 1):
+            bounds = (0, *cuts, len(missing))
+            parts = [missing[a:b] for a, b in zip(bounds, bounds[1:])]
+            ids = [by_bytes.get(p, -1) for p in parts]
+            if -1 in ids or any(_complete(missing[:b]) for b in bounds[1:]):
+                continue
+            if found is not None:
+                return None  # ambiguous
+            found = tuple(ids)
+        return found
 
     def stream(self, request: dict, on_chunk) -> None:
         """In process: llama.cpp calls `on_chunk` per token; True cancels the request."""
@@ -139,6 +181,14 @@ class LlamaCppEngine(LlamaServerEngine):
             s._close_stream()
         end_all_streams()
         shutil.rmtree(self._slot_dir, ignore_errors=True)
+
+
+def _complete(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 @atexit.register
