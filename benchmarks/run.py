@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     from .report import table
 
     t0 = time.time()
-    engine = load_engine("smollm2")
+    engine = load_engine("smollm2", backend="transformers")
     results = {"machine": machine(), "quick": args.quick, "params": {k: list(v) if isinstance(v, tuple) else v
                                                                      for k, v in p.items()},
                "engine": {"name": engine.name, "dtype": str(engine.dtype), "device": str(engine.device),

@@ -29,7 +29,7 @@ def child() -> None:
     from engines import MultimodalInput, SamplingConfig, load_engine
 
     marks["imports_s"] = time.time() - born
-    engine = load_engine("smollm2")
+    engine = load_engine("smollm2", backend="transformers")
     marks["engine_loaded_s"] = time.time() - born
     s = engine.create_session()
     s.prefill(engine.render([{"role": "user", "content": "Hello!"}]))

@@ -84,7 +84,7 @@ def main(name: str) -> None:
     from engines.loading import DEFAULT_SPEC, _resolve
     from playground.ui import build_ui, launch
 
-    engine = load_engine("smollm2", max_sessions=8)
+    engine = load_engine("smollm2", backend="transformers", max_sessions=8)
     port = free_port()
     if name == "playground":
         app = build_ui(engine)

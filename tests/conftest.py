@@ -16,6 +16,19 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 from tests.cases import CASES, default_engine  # noqa: E402
 
 
+def pytest_addoption(parser):
+    parser.addoption("--bench", action="store_true", help="also run the slow benchmark smoke runs (marker bench)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--bench"):
+        return
+    skip = pytest.mark.skip(reason="a slow benchmark smoke run: pass --bench")
+    for item in items:
+        if "bench" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def smol():
     """The real embedded default, SmolLM2-135M-Instruct, on the default device."""

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ("decode", "regen", "multiturn", "ui", "memory", "llamacpp", "startup")
 
@@ -64,6 +66,7 @@ def test_quick_benchmarks_report_every_section(tmp_path):
     assert "skipped" in g or positive(g["llama_cpp_q4_1"]["tok_s"]["median"])
 
 
+@pytest.mark.bench  # compiles for minutes on a CPU, where the compiled path is not meant to be used
 def test_quick_compiled_section_reports_compiled_against_eager(tmp_path):
     """(h) is opt-in (it compiles); quick mode compiles one 512-token cache."""
     out = tmp_path / "compiled.json"
