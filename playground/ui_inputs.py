@@ -11,8 +11,10 @@ from __future__ import annotations
 import math
 import mimetypes
 import os
+from dataclasses import dataclass
 
 from engines import InvalidArgument, MultimodalInput, SamplingConfig
+from engines.speech import LANGUAGES, SpeechError
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp"}
 AUDIO_EXTS = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".m4a", ".webm"}
@@ -44,11 +46,12 @@ def file_kind(path: str) -> str | None:
 
 
 def parse_box(value, modalities, model_name: str, max_file_mb: float = DEFAULT_MAX_FILE_MB,
-              allow_empty: bool = False) -> list[MultimodalInput]:
+              allow_empty: bool = False, speech: bool = False) -> list[MultimodalInput]:
     """The textbox value as parts: media first, then the text (the common chat layout).
 
     Raises BadInput for an empty message, an unsupported or oversized file, or
-    a modality the model cannot take.
+    a modality the model cannot take. With `speech`, audio is to be transcribed
+    (`speech_to_text`), so it passes whatever the model takes.
     """
     value = value or {}
     if isinstance(value, str):
@@ -77,7 +80,7 @@ def parse_box(value, modalities, model_name: str, max_file_mb: float = DEFAULT_M
                 f"({', '.join(sorted(e[1:] for e in IMAGE_EXTS))}) or audio "
                 f"({', '.join(sorted(e[1:] for e in AUDIO_EXTS))}). Your text is kept."
             )
-        if kind not in modalities:
+        if kind not in modalities and not (kind == "audio" and speech):
             what = "images" if kind == "image" else "audio (recordings or files)"
             raise BadInput(
                 f"{model_name} cannot take {what}: it accepts {describe_modalities(modalities)} only. "
@@ -88,6 +91,46 @@ def parse_box(value, modalities, model_name: str, max_file_mb: float = DEFAULT_M
     if text.strip():  # whitespace beside an image is no message of its own
         parts.append(MultimodalInput.text(text))
     return parts
+
+
+SPOKEN_MARK = "🎤 "
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Spoken(MultimodalInput):
+    """Text heard in a recording: plain text to the model, marked 🎤 in the chat."""
+
+    @staticmethod
+    def of(text: str) -> "Spoken":
+        return Spoken("text", MultimodalInput.text(text).value)
+
+
+def speech_to_text(parts, transcriber, language=None) -> tuple[list[MultimodalInput], str]:
+    """`parts` with each audio part replaced by the text `transcriber` heard in it
+    (`engines.speech.Transcriber`), and a note for the status line.
+
+    Raises BadInput when a clip holds no words, cannot be read or is too short;
+    the message says why, and that the typed text is kept.
+    """
+    out, notes = [], []
+    for i, p in enumerate(parts):
+        if p.kind != "audio":
+            out.append(p)
+            continue
+        try:
+            heard = transcriber.transcribe_full(p.value, p.sample_rate, language)
+        except (SpeechError, InvalidArgument) as e:
+            raise BadInput(f"{e} Your text is kept.") from None
+        more = any(q.kind in ("text", "audio") for q in parts[i + 1:])
+        out.append(Spoken.of(heard.text + ("\n\n" if more else "")))
+        lang = LANGUAGES.get(heard.language, heard.language)
+        note = (f"🎤 Transcribed {heard.duration_s:.1f} s of audio ({lang}{', detected' if heard.detected else ''}) "
+                f"in {heard.elapsed_s:.1f} s.")
+        if heard.cut_from_s is not None:
+            note += (f" The recording is {heard.cut_from_s:.1f} s long: only its first {heard.duration_s:g} s "
+                     "were transcribed (the limit).")
+        notes.append(note)
+    return out, " ".join(notes)
 
 
 def parse_stop_strings(text: str | None) -> tuple[str, ...]:

@@ -14,6 +14,8 @@ import math
 import os
 import tempfile
 
+from playground.ui_inputs import SPOKEN_MARK, Spoken
+
 MEDIA_DIR = os.path.join(tempfile.gettempdir(), "llm-playground-media")
 
 
@@ -22,6 +24,11 @@ MEDIA_DIR = os.path.join(tempfile.gettempdir(), "llm-playground-media")
 
 def part_text(parts) -> str:
     return "".join(p.value for p in parts if p.kind == "text")
+
+
+def shown_text(parts) -> str:
+    """`part_text` as the chat shows it: text heard in a recording is marked 🎤."""
+    return "".join(SPOKEN_MARK + p.value if isinstance(p, Spoken) else p.value for p in parts if p.kind == "text")
 
 
 def media_path(part) -> str | None:
@@ -77,7 +84,7 @@ def chat_messages(conv) -> list[dict]:
                 path = media_path(p)
                 if path:
                     content.append({"path": path})
-        text = part_text(turn.parts)
+        text = shown_text(turn.parts)
         if text.strip() or not content:
             # An empty reply (stopped before its first token) still needs a bubble.
             content.insert(0, text if text.strip() else "…")
