@@ -400,6 +400,11 @@ class HFMultimodalSession(HFTextSession):
         self._media_spans.append(span)
         self._after_move()
 
+    def _copy_into(self, new) -> None:
+        super()._copy_into(new)
+        new._rope_next = list(self._rope_next)
+        new._blocks = dict(self._blocks)  # features are never changed in place: shared
+
     def _block_ending_at(self, pos):
         if pos == self.position:
             return None

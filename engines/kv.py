@@ -121,3 +121,12 @@ def crop_to(cache: DynamicCache | StaticCache, length: int) -> int:
     else:
         cache.crop(-removed)  # a positive argument raises in transformers 5
     return removed
+
+
+def copy_cache(cache):
+    """An independent copy of a session's cache (for `Session.fork`). Views stay
+    views of their own copied buffer (deepcopy keeps storage sharing)."""
+    import copy
+
+    with torch.inference_mode():  # the cache's tensors were made under inference_mode
+        return copy.deepcopy(cache)
