@@ -29,9 +29,10 @@ from engines import (
 
 from .prefix import plan_prefix
 from .stopstrings import StopMatcher
-from . import transcript
+from . import branches, multistream, transcript
 
 FINISH_REASONS = ("eos", "length", "stopped", "stop_string", "context_full")
+COMPARE_MIN, COMPARE_MAX = 2, 4  # replies one compare may sample
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,9 @@ class Turn:
     sampling: dict | None = None  # assistant: the settings, with the seed used
     token_info: list[TokenInfo] = field(default_factory=list)
     media_spans: list[tuple[str, int, int]] = field(default_factory=list)
+    # The branch tree (branches.py): every turn that followed this one, and the current one.
+    children: list["Turn"] = field(default_factory=list, repr=False, compare=False)
+    chosen: "Turn | None" = field(default=None, repr=False, compare=False)
 
     @property
     def text(self) -> str:
@@ -76,7 +80,10 @@ class Stats:
     ttft_s: float | None = None
     decode_tok_s: float | None = None
     finish_reason: str | None = None
-    new_tokens: int = 0
+    new_tokens: int = 0  # a compare: all its replies' tokens together
+    replies: int = 1  # a compare: how many replies shared the prefill
+    extra_prefilled: int = 0  # a compare on an engine that cannot fork: tokens prefilled again
+    finish_reasons: tuple = ()  # a compare: each reply's finish reason
 
 
 class Conversation:
@@ -100,10 +107,13 @@ class Conversation:
         self.chat_template = chat_template
         self.raw = bool(raw)
         self.top_alternatives = top_alternatives
-        self.turns: list[Turn] = []
+        self._root = branches.Root()
+        self._turns: list[Turn] = []
         if system_prompt:
-            self.turns.append(Turn("system", [MultimodalInput.text(system_prompt)]))
+            self.turns = [Turn("system", [MultimodalInput.text(system_prompt)])]
         self.last_stats: Stats | None = None
+        self.last_compare: tuple[int, list[Turn]] | None = None  # (turn index, replies) of the last compare
+        self._forks: list = []  # a running compare's extra sessions (for stop)
         self.import_notes: list[str] = []
         self._session = None
         self._keys: list = []  # key of each resident position (see prefix.py)
@@ -113,6 +123,18 @@ class Conversation:
         self._stop_asked = threading.Event()  # survives the seek/prefill that clear the session's
 
     # ------------------------------------------------------------------ state
+
+    @property
+    def turns(self) -> list[Turn]:
+        """The current branch, oldest turn first."""
+        return self._turns
+
+    @turns.setter
+    def turns(self, path) -> None:
+        # Making a path current keeps what it replaces: its new turns join the tree as
+        # children, so a regenerated, edited or rewound turn stays behind as a sibling.
+        self._turns = list(path)
+        branches.graft(self._root, self._turns)
 
     @property
     def session(self):
@@ -196,7 +218,9 @@ class Conversation:
         """Cut assistant turn `i` after `token_offset` generated ids and drop later turns.
 
         Immediate: the session seeks to the cut now when it can (otherwise the
-        next action rebuilds). `continue_reply` then resamples from the cut."""
+        next action rebuilds). `continue_reply` then resamples from the cut.
+        The whole turn and what followed it stay behind as a sibling branch,
+        unless that loses nothing (a cut that was never continued, cut again)."""
         self._check_index(i)
         turn = self.turns[i]
         if turn.role != "assistant":
@@ -207,7 +231,10 @@ class Conversation:
         with self._exclusive():
             ids = turn.token_ids[:token_offset]
             cut = replace(turn, parts=[MultimodalInput.text(self.engine.decode(ids))], token_ids=ids,
-                          token_info=turn.token_info[:token_offset])
+                          token_info=turn.token_info[:token_offset], children=[], chosen=None)
+            siblings = self._parent(i).children
+            if (token_offset == n and not turn.children) or branches.covered(turn, siblings):
+                siblings[branches.index_of(siblings, turn)] = cut  # in place: nothing is lost
             self.turns = self.turns[:i] + [cut]
             if self._session is not None:
                 keys, _ = self._keys_of(self._target(self.turns[:i], cut))
@@ -220,10 +247,13 @@ class Conversation:
             self._update_spans()
 
     def drop_from(self, i: int) -> None:
-        """Remove turns[i:] (Undo). The KV follows on the next action."""
+        """Remove turns[i:] (Undo), their branch included; the siblings of turn `i`
+        stay in the tree. The KV follows on the next action."""
         if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i <= len(self.turns):
             raise InvalidArgument(f"turn index {i!r} is outside 0..{len(self.turns)}")
         with self._exclusive():
+            if i < len(self.turns):
+                branches.prune(self._parent(i), self.turns[i])
             self.turns = self.turns[:i]
 
     def stop(self) -> None:
@@ -231,23 +261,171 @@ class Conversation:
         self._stop_asked.set()
         if self._session is not None:
             self._session.stop()
+        for fork in list(self._forks):  # a compare's other replies
+            fork.stop()
 
     def reset(self) -> None:
-        """Drop every turn but the system prompt and empty the session."""
+        """Drop every turn and branch but the system prompt and empty the session."""
         with self._exclusive():
-            self.turns = [t for t in self.turns if t.role == "system"]
+            self._root = branches.Root()
+            self.turns = [Turn(t.role, t.parts) for t in self.turns if t.role == "system"]
+            self.last_compare = None
             if self._session is not None:
                 self._session.reset()
             self._keys = []
             self.last_stats = None
             self._update_spans()
 
+    # ------------------------------------------------------------------ branches
+
+    def siblings(self, i: int) -> list[str]:
+        """The texts of the alternatives at turn `i`, the current one included, in creation order."""
+        return [t.text for t in self._siblings(i)]
+
+    def sibling_index(self, i: int) -> int:
+        """Which of `siblings(i)` is current."""
+        return branches.index_of(self._siblings(i), self.turns[i])
+
+    def switch(self, i: int, k: int) -> None:
+        """Make sibling `k` of turn `i` current, with everything that followed it on its branch.
+
+        Immediate: the KV moves there now by the usual plan (keep the longest exact
+        prefix, seek, prefill the rest), and `last_stats` says what was reused and
+        prefilled. Between two replies to one prompt, none of the shared history is
+        prefilled again."""
+        sibs = self._siblings(i)
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < len(sibs):
+            raise InvalidArgument(f"sibling {k!r} is outside 0..{len(sibs) - 1} for turn {i}")
+        path = self.turns[:i] + branches.follow(sibs[k])
+        with self._exclusive():
+            target = self._keys_of(self._path_target(path))
+            if len(target[0]) > self.max_context:
+                raise ContextFull(f"that branch needs {len(target[0])} tokens, but the context is {self.max_context}")
+            stats = self._move(*target)
+            self.turns = path
+            self.last_stats = stats
+            self._update_spans()
+
+    def compare(self, samplings: Sequence[SamplingConfig], max_new_tokens: int = 64,
+                stop_strings: Sequence[str] = (), parts=None) -> Iterator[tuple[int, str]]:
+        """Sample 2-4 replies to the pending user turn from one prefill; yields `(k, piece)`
+        for reply `k` as the replies stream, interleaved.
+
+        The pending user turn is `parts` when given (a new message), else the last user
+        turn (a reply it has stays as a sibling). Afterwards the replies are siblings
+        and the first is current; each equals a solo `regenerate` with its sampling and
+        seed. The prompt is prefilled once and the session forked for each other reply
+        (`Session.fork`); on an engine that cannot fork, fresh sessions are prefilled
+        again and `last_stats.extra_prefilled` says how many tokens that cost. Raises
+        `EngineError` ("busy") when the engine has no room for the extra sessions, and
+        everything `send` raises, before returning the generator.
+        """
+        if not isinstance(samplings, (list, tuple)) or not COMPARE_MIN <= len(samplings) <= COMPARE_MAX:
+            raise InvalidArgument(f"compare takes a list of {COMPARE_MIN} to {COMPARE_MAX} SamplingConfigs")
+        for j, c in enumerate(samplings):
+            if not isinstance(c, SamplingConfig):
+                raise InvalidArgument(f"samplings[{j}] must be a SamplingConfig, got {type(c).__name__}")
+        if parts is not None:
+            before = self.turns + [Turn("user", self._check_parts(parts))]
+        elif self.turns and self.turns[-1].role == "user":
+            before = list(self.turns)
+        elif len(self.turns) >= 2 and self.turns[-1].role == "assistant" and self.turns[-2].role == "user":
+            before = self.turns[:-1]
+        else:
+            raise InvalidArgument("nothing to compare: there is no user turn to answer; send a message first")
+        self._check_generation(samplings[0], max_new_tokens, stop_strings)
+        self._not_busy()
+        target = self._fitting_target(before, None)
+        cap = self.engine.capacity.max_sessions
+        need = len(samplings) - 1 + (self._session is None)
+        free = cap - self.engine.open_sessions
+        if need > free:
+            raise EngineError(
+                f"busy: comparing {len(samplings)} replies needs {need} more session(s) at once, but only "
+                f"{max(free, 0)} of the engine's {cap} are free; compare fewer replies or try again later"
+            )
+        self._stop_asked.clear()
+        return self._compare_stream(before, target, list(samplings), max_new_tokens, tuple(stop_strings))
+
+    def _compare_stream(self, before, target, samplings, max_new_tokens, stop_strings):
+        if not self._busy.acquire(blocking=False):
+            raise EngineError("another action is running on this conversation; stop it first")
+        session, replies, forks, stats = None, [], [], None
+        progress = multistream.Progress()
+        try:
+            samplings = [c if c.seed is not None else replace(c, seed=random.getrandbits(31)) for c in samplings]
+            t0 = time.perf_counter()
+            self.last_stats = None
+            session = self.session
+            stats = self._move(*target)  # the one prefill every reply shares
+            forks, extra = self._copies(session, len(samplings) - 1, target)
+            self._forks = forks
+            turns = [Turn("assistant", [MultimodalInput.text("")], token_ids=[], sampling=c.to_dict())
+                     for c in samplings]
+            i = len(before)
+            self.turns = before + [turns[0]]
+            self._parent(i).children.extend(turns[1:])
+            self.last_compare = (i, turns)
+            stats = replace(stats, replies=len(turns), extra_prefilled=extra)
+            self.last_stats = stats
+            replies = [multistream.Reply(s, t, c, StopMatcher(stop_strings))
+                       for s, t, c in zip([session] + forks, turns, samplings)]
+            for item in multistream.stream(self.engine, replies, max_new_tokens, self._stop_asked,
+                                           self._token_info, progress):
+                self.last_stats = _compare_stats(stats, replies, progress, t0)
+                yield item
+        finally:
+            try:
+                for r in replies:
+                    r.finish = r.finish or "stopped"  # closed by the consumer, or an error
+                for fork in forks:
+                    fork.close()
+                self._forks = []
+                if replies:
+                    self._keys.extend(replies[0].turn.token_ids)  # what the main session now holds
+                    self.last_stats = _compare_stats(stats, replies, progress, t0)
+                if session is not None:
+                    self._clear_stop(session)
+                    self._update_spans()
+            finally:
+                self._busy.release()
+
+    def _copies(self, session, n: int, target) -> tuple[list, int]:
+        """`n` more sessions holding what `session` holds: forks, or, where the engine
+        cannot fork, fresh sessions prefilled again. Returns them and the tokens that
+        second way prefilled."""
+        copies, extra = [], 0
+        try:
+            for _ in range(n):
+                try:
+                    copies.append(session.fork())
+                except NotSupported:
+                    copies.append(self.engine.create_session())
+                    copies[-1].prefill(_slice_inputs(target[1], 0))
+                    extra += len(target[0])
+        except BaseException as e:
+            for c in copies:
+                c.close()
+            if isinstance(e, EngineError) and str(e).startswith("busy"):
+                raise EngineError(f"busy: a compare needs {n + 1} sessions at once and the engine has no room "
+                                  f"({e}); compare fewer replies or try again later") from e
+            raise
+        return copies, extra
+
+    def _siblings(self, i: int) -> list[Turn]:
+        self._check_index(i)
+        return self._parent(i).children
+
+    def _parent(self, i: int):
+        return self.turns[i - 1] if i else self._root
+
     # ------------------------------------------------------------------ export / import
 
     def to_messages(self) -> list[dict]:
-        """JSON-ready messages: text, media (base64), exact reply ids, sampling, model identity."""
+        """JSON-ready messages: text, media (base64), exact reply ids, sampling, model identity;
+        the current branch, each message carrying its alternatives (format: transcript.py)."""
         model = {"name": self.engine.name, "tokenizer": self.engine.fingerprint}
-        return [transcript.turn_to_message(t, model) for t in self.turns]
+        return transcript.tree_to_messages(self.turns, self._root, model)
 
     @classmethod
     def from_messages(cls, engine, messages: list[dict], chat_template: str | None = None,
@@ -256,14 +434,11 @@ class Conversation:
         otherwise the text is re-tokenised and `import_notes` says so. With
         `prefill`, the KV is rebuilt now, exactly as the exporting session held it."""
         conv = cls(engine, chat_template=chat_template, raw=raw)
-        conv.turns, conv.import_notes = transcript.messages_to_turns(engine, messages, conv._tokenize)
+        conv._root, path, conv.import_notes = transcript.messages_to_tree(engine, messages, conv._tokenize)
+        conv.turns = path
         if prefill and conv.turns:
-            last = conv.turns[-1]
             try:
-                if last.role == "assistant":
-                    conv._move(*conv._keys_of(conv._target(conv.turns[:-1], last)))
-                else:
-                    conv._move(*conv._keys_of(conv._target(conv.turns, None)))
+                conv._move(*conv._keys_of(conv._path_target(conv.turns)))
             except BaseException:
                 conv.close()
                 raise
@@ -274,19 +449,9 @@ class Conversation:
 
     def _start(self, before: list[Turn], reply: Turn | None, sampling, max_new_tokens, stop_strings):
         """Validate everything, then return the stream generator (nothing changed yet)."""
-        if not isinstance(sampling, SamplingConfig):
-            raise InvalidArgument(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise InvalidArgument(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-        if isinstance(stop_strings, str) or any(not isinstance(s, str) or not s for s in stop_strings):
-            raise InvalidArgument("stop_strings must be a list of non-empty strings")
+        self._check_generation(sampling, max_new_tokens, stop_strings)
         self._not_busy()
-        target = self._keys_of(self._target(before, reply))
-        if len(target[0]) >= self.max_context:
-            raise ContextFull(
-                f"the conversation needs {len(target[0])} tokens plus room for a reply, but the context is "
-                f"{self.max_context}: rewind, edit or drop earlier turns, or reset"
-            )
+        target = self._fitting_target(before, reply)
         if reply is None:
             reply = Turn("assistant", [MultimodalInput.text("")], token_ids=[])
         self._stop_asked.clear()
@@ -356,6 +521,30 @@ class Conversation:
                     self._update_spans()
             finally:
                 self._busy.release()
+
+    def _check_generation(self, sampling, max_new_tokens, stop_strings) -> None:
+        if not isinstance(sampling, SamplingConfig):
+            raise InvalidArgument(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InvalidArgument(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        if not isinstance(stop_strings, (list, tuple)) or any(not isinstance(s, str) or not s for s in stop_strings):
+            raise InvalidArgument("stop_strings must be a list of non-empty strings")
+
+    def _fitting_target(self, before: list[Turn], reply: Turn | None):
+        """The target's (keys, pieces); `ContextFull` when it leaves no room for a reply."""
+        target = self._keys_of(self._target(before, reply))
+        if len(target[0]) >= self.max_context:
+            raise ContextFull(
+                f"the conversation needs {len(target[0])} tokens plus room for a reply, but the context is "
+                f"{self.max_context}: rewind, edit or drop earlier turns, or reset"
+            )
+        return target
+
+    def _path_target(self, path: list[Turn]) -> list[MultimodalInput]:
+        """What should be resident while `path` is current: its last reply left open."""
+        if path and path[-1].role == "assistant":
+            return self._target(path[:-1], path[-1])
+        return self._target(path, None)
 
     def _move(self, keys: list, pieces: list) -> Stats:
         """Seek to the longest exact resident prefix of the target and prefill the rest."""
@@ -562,3 +751,13 @@ def _slice_inputs(pieces, start: int) -> list[MultimodalInput]:
     if run:
         out.append(MultimodalInput.tokens(run))
     return out
+
+
+def _compare_stats(stats: Stats, replies, progress, t0: float) -> Stats:
+    """A compare's figures: the shared prefill's, then all its replies' tokens together."""
+    n, first, last = progress.tokens, progress.t_first, progress.t_last
+    rate = (n - len(replies)) / (last - first) if first and last and last > first and n > len(replies) else None
+    finished = all(r.finish for r in replies)
+    return replace(stats, ttft_s=first - t0 if first else None, decode_tok_s=rate, new_tokens=n,
+                   finish_reason=replies[0].finish if finished else None,
+                   finish_reasons=tuple(r.finish for r in replies) if finished else ())

@@ -20,7 +20,8 @@ from engines import ContextFull, EngineError, MultimodalInput
 from playground.ahead import Ahead
 from playground.sessions import Busy, SessionManager, Tab, TabBusy
 from playground.ui_inputs import BadInput, clamp_new_tokens, make_sampling, parse_box, parse_stop_strings
-from playground.ui_render import chat_messages, context_html, part_text, tokens_html, turn_for_display_index
+from playground.ui_render import (chat_messages, compare_html, context_html, part_text, tokens_html,
+                                  turn_for_display_index)
 
 log = logging.getLogger("playground.ui")
 EMPTY_BOX = {"text": "", "files": []}
@@ -67,6 +68,9 @@ def finish_note(conv, prefix: str = "") -> str:
     if stats is None or not stats.finish_reason:
         return prefix
     note = f"{prefix}finish: {stats.finish_reason}"
+    if getattr(stats, "replies", 1) > 1:
+        note = (f"{prefix}Compared {stats.replies} replies (finish: {', '.join(stats.finish_reasons)}); "
+                "the first is in the chat: keep another below, or use ‹ › on the reply.")
     if stats.finish_reason == "context_full":
         note += (f" — the context is full ({conv.position} of {conv.max_context} tokens). Click a token to "
                  "rewind, edit an earlier message, or press Reset.")
@@ -88,6 +92,7 @@ class Handlers:
         self.max_new_tokens_cap = max_new_tokens_cap
         self.max_file_mb = max_file_mb
         self.button_labels: tuple[str, ...] = ()  # build_ui sets them from the widgets
+        self.compare_label = "Compare"
 
     # ------------------------------------------------------------------ helpers
 
@@ -111,18 +116,20 @@ class Handlers:
 
     def view(self, tab: Tab | None, status: str = "", box=None, streaming: bool | None = None, save: bool = False):
         """One update for the outputs `build_ui` wires: chatbot, box, status, context, tokens,
-        Stop + 4 action buttons + Import, and the browser-stored transcript. `None` leaves a widget as it is."""
+        Stop + 4 action buttons + Import, the compare panel and its button, and the browser-stored
+        transcript. `None` leaves a widget as it is."""
         skip = gr.skip()
         if tab is None:
-            chat = ctx = toks = skip
+            chat = ctx = toks = panel = skip
         else:
             chat, ctx = chat_messages(tab.conv), context_html(tab.conv, self.max_context, running=bool(streaming))
             toks = tokens_html(tab.conv) if streaming is not True else skip
+            panel = compare_html(tab.conv, running=bool(streaming))
         if streaming is None:
-            states = [skip] * 6
+            states = [skip] * 7
         else:
-            states = [gr.update(interactive=streaming)] + [gr.update(interactive=not streaming)] * 5
-        return (chat, skip if box is None else box, status, ctx, toks, *states,
+            states = [gr.update(interactive=streaming)] + [gr.update(interactive=not streaming)] * 6
+        return (chat, skip if box is None else box, status, ctx, toks, *states[:6], panel, states[6],
                 self.transcript(tab) if (save and tab is not None) else skip)
 
     def frame(self, tab: Tab, box, tokens: str, stored):
@@ -134,7 +141,8 @@ class Handlers:
         the box keeps `skip`, so that nothing typed meanwhile is overwritten.
         """
         return (chat_messages(tab.conv), gr.skip() if box is None else box, "",
-                context_html(tab.conv, self.max_context, running=True), tokens, *self.button_labels, None, stored)
+                context_html(tab.conv, self.max_context, running=True), tokens, *self.button_labels, None,
+                compare_html(tab.conv, running=True), self.compare_label, stored)
 
     def fail(self, e: Exception, tab: Tab | None = None):
         if not isinstance(e, (BadInput, EngineError)):

@@ -5,11 +5,15 @@
   spans, and the last action's figures.
 - `tokens_html(conv)`: the last reply's tokens with probabilities and
   alternatives; each token carries `data-tok` (its offset) for click-to-rewind.
+- `branch_nav(conv)` / `nav_html`: the `‹ k/n ›` controls of turns with
+  alternatives (BRANCH_JS draws them into the chat); `compare_html(conv)`: the
+  last compare's replies side by side, each with "Keep this one".
 """
 
 from __future__ import annotations
 
 import html
+import json
 import math
 import os
 import tempfile
@@ -126,8 +130,16 @@ def stats_line(stats, running: bool = False) -> str:
     n = getattr(stats, "new_tokens", None)
     if n is not None:
         bits.append(f"{n} new tokens")
+    replies = getattr(stats, "replies", 1)
+    if replies > 1:  # a compare: say what its shared prefill cost
+        extra = getattr(stats, "extra_prefilled", 0)
+        bits.append(f"compare ×{replies}: " + (f"+{extra} tokens prefilled again (this engine cannot fork)"
+                                                if extra else "one prefill, forked"))
     reason = getattr(stats, "finish_reason", None)
-    if reason or running:
+    reasons = getattr(stats, "finish_reasons", ())
+    if reasons and replies > 1:
+        bits.append("finish: " + ", ".join(reasons))
+    elif reason or running:
         bits.append(f"finish: {reason}" if reason else "running…")
     return " · ".join(bits)
 
@@ -142,26 +154,103 @@ def context_html(conv, max_context: int | None = None, running: bool = False) ->
     cap = int(max_context or getattr(conv, "max_context", 0) or 1)
     pct = min(100.0, 100.0 * pos / cap)
     rows = []
+    navs = {turn: (k, n) for _, turn, k, n in branch_nav(conv)}
     for i, t in enumerate(conv.turns):
         media = ", ".join(f"{k} {s}–{e}" for k, s, e in (getattr(t, "media_spans", None) or []))
         n = (t.span[1] - t.span[0]) if t.span else 0
+        branch = nav_html(i, *navs[i]) if i in navs else "–"
         rows.append(
             f"<tr><td>{i}</td><td>{t.role}</td><td>{_span(t.span)}</td><td>{n}</td>"
-            f"<td>{html.escape(media) or '–'}</td></tr>"
+            f"<td>{html.escape(media) or '–'}</td><td>{branch}</td></tr>"
         )
     table = (
         "<table class='spans'><thead><tr><th>turn</th><th>role</th><th>KV span</th><th>tokens</th>"
-        f"<th>media spans</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        f"<th>media spans</th><th>branch</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
         if rows else "<p class='empty'>No turns yet.</p>"
     )
+    # The chat's ‹ k/n › controls are drawn by BRANCH_JS from this list.
+    nav_data = html.escape(json.dumps(branch_nav(conv)), quote=True)
     stats = html.escape(stats_line(getattr(conv, "last_stats", None), running))
     return (
         f"<div id='ctx'>"
         f"<div id='gauge' class='gauge' data-position='{pos}' data-max='{cap}' "
         f"title='KV position {pos} of {cap}'><div class='fill' style='width:{pct:.2f}%'></div></div>"
         f"<div id='gauge-label'>KV {pos} / {cap} tokens ({pct:.1f}%)</div>"
-        f"<div id='stats'>{stats}</div>{table}</div>"
+        f"<div id='stats'>{stats}</div>{table}"
+        f"<div id='branch-data' hidden data-nav='{nav_data}'></div></div>"
     )
+
+
+# --------------------------------------------------------------------------- branches and compare
+
+
+def branch_nav(conv) -> list[tuple[int, int, int, int]]:
+    """(chat message index, turn index, current sibling k, siblings n) for each turn with alternatives.
+    The message index counts non-system turns, as the Chatbot shows them."""
+    if not hasattr(conv, "sibling_index"):
+        return []
+    out, shown = [], -1
+    for i, t in enumerate(conv.turns):
+        if t.role == "system":
+            continue
+        shown += 1
+        n = len(conv.siblings(i))
+        if n > 1:
+            out.append((shown, i, conv.sibling_index(i), n))
+    return out
+
+
+def nav_html(turn: int, k: int, n: int) -> str:
+    """‹ k/n ›: buttons that carry the sibling they switch to (BRANCH_JS sends the click)."""
+    prev = f"data-k='{k - 1}'" if k > 0 else "disabled"
+    nxt = f"data-k='{k + 1}'" if k + 1 < n else "disabled"
+    return (f"<span class='branch-nav' data-turn='{turn}' data-key='{turn},{k},{n}'>"
+            f"<button {prev} aria-label='previous alternative'>‹</button>"
+            f"<span class='branch-pos'>{k + 1}/{n}</span>"
+            f"<button {nxt} aria-label='next alternative'>›</button></span>")
+
+
+def live_compare(conv):
+    """The last compare's (turn index, replies) while they are still alternatives of the
+    current branch, else None."""
+    last = getattr(conv, "last_compare", None)
+    if not last:
+        return None
+    i, replies = last
+    turns = conv.turns
+    if not 1 <= i <= len(turns) or not any(c is replies[0] for c in turns[i - 1].children):
+        return None
+    return i, replies
+
+
+def compare_html(conv, running: bool = False) -> str:
+    """The last compare's replies side by side, each with its settings and "Keep this one"."""
+    live = live_compare(conv)
+    if live is None:
+        return ("<div id='compare-grid' class='empty'>Compare samples 2–4 replies to your message from one "
+                "prefill, side by side, each with its own temperature and seed (set them under "
+                "Compare settings). Type a message and press Compare, or press it to answer the last "
+                "message again.</div>")
+    i, replies = live
+    current = conv.turns[i] if i < len(conv.turns) else None
+    stats = getattr(conv, "last_stats", None)
+    reasons = getattr(stats, "finish_reasons", ()) if getattr(stats, "replies", 1) == len(replies) else ()
+    cols = []
+    for k, r in enumerate(replies):
+        s = r.sampling or {}
+        head = f"#{k + 1} · T {s.get('temperature', 0):g} · seed {s.get('seed')}"
+        if k < len(reasons) and reasons[k]:
+            head += f" · {reasons[k]}"
+        is_current = r is current
+        keep = ("<span class='cmp-current'>✓ in the chat</span>" if is_current else
+                f"<button class='cmp-keep' data-keep='{k}' {'disabled' if running else ''}>Keep this one</button>")
+        cols.append(
+            f"<div class='cmp-col{' current' if is_current else ''}' data-k='{k}'>"
+            f"<div class='cmp-head'>{html.escape(head)}</div>"
+            f"<div class='cmp-text'>{html.escape(r.text) or '…'}</div>{keep}</div>"
+        )
+    return (f"<div id='compare-grid' data-turn='{i}' data-count='{len(replies)}' "
+            f"style='grid-template-columns: repeat({len(replies)}, minmax(0, 1fr))'>{''.join(cols)}</div>")
 
 
 # --------------------------------------------------------------------------- token view
@@ -228,6 +317,63 @@ element.addEventListener('click', (ev) => {
 });
 """
 
+BRANCH_JS = """
+// The chat's ‹ k/n › controls: drawn into each message row that has alternatives, from the
+// list the context panel carries (#branch-data), and redrawn whenever Gradio re-renders the chat.
+const navOf = () => {
+  const d = element.querySelector('#branch-data');
+  try { return JSON.parse(d ? d.dataset.nav : '[]'); } catch (e) { return []; }
+};
+const draw = (turn, k, n) => {
+  const b = (to, label, text) => to >= 0 && to < n
+    ? `<button data-k='${to}' aria-label='${label}'>${text}</button>`
+    : `<button disabled aria-label='${label}'>${text}</button>`;
+  return `${b(k - 1, 'previous alternative', '‹')}<span class='branch-pos'>${k + 1}/${n}</span>`
+    + `${b(k + 1, 'next alternative', '›')}`;
+};
+let queued = false;
+const decorate = () => {
+  queued = false;
+  const chat = document.querySelector('#chatbot');
+  if (!chat) return;
+  const want = new Map(navOf().map(([m, t, k, n]) => [m, [t, k, n]]));
+  let run = -1, prev = null;
+  for (const row of chat.querySelectorAll('.message-row')) {
+    const role = row.classList.contains('user-row') ? 'user' : 'bot';
+    let el = row.querySelector('.branch-nav');
+    if (role === prev) { if (el) el.remove(); continue; }  // one control per turn, on its first row
+    prev = role; run += 1;
+    const w = want.get(run), key = w ? w.join(',') : '';
+    if (el && el.dataset.key === key) continue;
+    if (el) el.remove();
+    if (!w) continue;
+    el = document.createElement('div');
+    el.className = 'branch-nav in-chat ' + role;
+    el.dataset.key = key; el.dataset.turn = w[0];
+    el.innerHTML = draw(...w);
+    row.appendChild(el);
+  }
+};
+const later = () => { if (!queued) { queued = true; requestAnimationFrame(decorate); } };
+new MutationObserver(later).observe(document.body, {childList: true, subtree: true});
+document.addEventListener('click', (ev) => {
+  const b = ev.target.closest('.branch-nav button[data-k]');
+  if (!b) return;
+  ev.preventDefault(); ev.stopPropagation();
+  trigger('select', {index: parseInt(b.closest('.branch-nav').dataset.turn), value: parseInt(b.dataset.k)});
+}, true);
+later();
+"""
+
+KEEP_JS = """
+element.addEventListener('click', (ev) => {
+  const b = ev.target.closest('[data-keep]');
+  if (!b || b.disabled) return;
+  const grid = b.closest('[data-turn]');
+  trigger('select', {index: parseInt(b.dataset.keep), value: grid ? parseInt(grid.dataset.turn) : null});
+});
+"""
+
 CSS = """
 #gauge { height: 14px; background: #e5e7eb; border-radius: 7px; overflow: hidden; }
 #gauge .fill { height: 100%; background: linear-gradient(90deg, #3b82f6, #8b5cf6); }
@@ -240,4 +386,18 @@ CSS = """
 #tokens .tok .p { font-size: 0.7em; opacity: 0.7; }
 .hint { font-size: 0.75em; opacity: 0.7; }
 #status:empty { display: none; }
+.branch-nav { display: inline-flex; align-items: center; gap: 2px; font-size: 0.8em; font-family: monospace; }
+.branch-nav button { padding: 0 6px; border-radius: 4px; cursor: pointer; background: #eef2ff; }
+.branch-nav button:disabled { opacity: 0.35; cursor: default; }
+.branch-nav.in-chat { display: flex; margin: 0 12px 4px; }
+.branch-nav.in-chat.user { justify-content: flex-end; }
+#compare-grid { display: grid; gap: 8px; }
+#compare-grid.empty { display: block; font-size: 0.8em; opacity: 0.7; }
+#compare-grid .cmp-col { border: 1px solid #d1d5db; border-radius: 8px; padding: 6px; display: flex;
+  flex-direction: column; gap: 4px; }
+#compare-grid .cmp-col.current { border-color: #6366f1; }
+#compare-grid .cmp-head { font-size: 0.75em; font-family: monospace; opacity: 0.8; }
+#compare-grid .cmp-text { white-space: pre-wrap; font-size: 0.9em; flex: 1; }
+#compare-grid .cmp-keep { align-self: flex-start; padding: 2px 8px; border-radius: 6px; background: #eef2ff; cursor: pointer; }
+#compare-grid .cmp-current { font-size: 0.8em; color: #4f46e5; }
 """

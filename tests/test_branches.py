@@ -1,0 +1,306 @@
+"""Branches and Compare (issue 17) on the real default model, through the Python API,
+the UI (gradio_client) and a real browser.
+
+Oracles: the full chat-template render of the current branch (replies spliced in as
+their exact ids), a fresh session prefilled with the same ids, and a solo
+`regenerate` with the same sampling and seed.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from engines import EngineError, InvalidArgument, MultimodalInput as MI, NotSupported, SamplingConfig, Session
+from playground import Conversation
+from playground.prefix import common_prefix
+from tests.cases import greedy_ids
+
+GREEDY = SamplingConfig()
+HOT = [SamplingConfig(temperature=1.0, seed=s) for s in (11, 12)] + [SamplingConfig(temperature=0.7, seed=13)]
+
+
+def say(conv, text, sampling=GREEDY, n=6):
+    return "".join(conv.send([MI.text(text)], sampling, n))
+
+
+def oracle_tokens(engine, conv):
+    """What must be resident while this branch is current: the render of the turns
+    before the last reply (generation prompt on), then that reply's exact ids."""
+    turns = conv.turns
+    reply = turns[-1] if turns and turns[-1].role == "assistant" else None
+    messages = [{"role": t.role, "content": t.text, **({"token_ids": t.token_ids} if t.role == "assistant" else {})}
+                for t in (turns[:-1] if reply else turns)]
+    return engine.tokenize(engine.render(messages, add_generation_prompt=True)) + (reply.token_ids if reply else [])
+
+
+def greedy_from(engine, ids, n):
+    with engine.create_session() as s:
+        s.prefill([MI.tokens(ids)])
+        return greedy_ids(s, n)
+
+
+def tree(conv):
+    """Every turn's alternatives and the current one, for comparing two conversations."""
+    return [(t.role, conv.siblings(i), conv.sibling_index(i)) for i, t in enumerate(conv.turns)]
+
+
+# --------------------------------------------------------------------------- the tree
+
+
+def test_regenerate_edit_and_rewind_then_continue_keep_what_they_replace(smol):
+    conv = Conversation(smol, system_prompt="Be brief.")
+    say(conv, "Name a fruit.")
+    first = conv.turns[2].text
+    "".join(conv.regenerate(HOT[0], 6))
+    assert conv.siblings(2) == [first, conv.turns[2].text] and conv.sibling_index(2) == 1
+    assert conv.turns[2].sampling["seed"] == 11 and conv.siblings(1) == ["Name a fruit."]
+
+    say(conv, "And a colour?")
+    "".join(conv.edit(3, [MI.text("And a planet?")], GREEDY, 6))
+    assert conv.siblings(3) == ["And a colour?", "And a planet?"] and conv.sibling_index(3) == 1
+
+    reply = conv.turns[4]
+    conv.rewind(4, 2)
+    assert conv.siblings(4) == [reply.text, conv.turns[4].text] and len(conv.turns[4].token_ids) == 2
+    conv.rewind(4, 1)  # a cut never continued is cut again in place: nothing would be lost
+    assert len(conv.siblings(4)) == 2 and conv.turns[4].token_ids == reply.token_ids[:1]
+    "".join(conv.continue_reply(HOT[1], 4))
+    assert conv.siblings(4)[0] == reply.text and conv.sibling_index(4) == 1
+    assert conv.session.tokens == oracle_tokens(smol, conv)
+
+    conv.drop_from(3)  # Undo drops the current branch only
+    assert [t.role for t in conv.turns] == ["system", "user", "assistant"]
+    say(conv, "One more?")
+    assert conv.siblings(3) == ["And a colour?", "One more?"]
+
+
+def test_switch_restores_a_branch_exactly_and_reuses_the_shared_history(smol):
+    conv = Conversation(smol)
+    say(conv, "Tell me about owls.", n=8)
+    a = list(conv.turns[1].token_ids)
+    shared = conv.position - len(a)  # the history both replies answer
+    "".join(conv.regenerate(HOT[0], 8))
+    b = list(conv.turns[1].token_ids)
+    assert a != b
+
+    conv.switch(1, 0)
+    assert conv.turns[1].token_ids == a and conv.session.tokens == oracle_tokens(smol, conv)
+    st = conv.last_stats
+    assert st.reused == shared + common_prefix(a, b) and st.prefilled == len(a) - common_prefix(a, b)
+    assert not st.fallback  # none of the shared history was prefilled again
+    conv.switch(1, 1)
+    assert conv.turns[1].token_ids == b and conv.last_stats.reused >= shared
+
+    # A deeper branch comes back with everything that followed it, and decodes as a fresh session would.
+    say(conv, "Why?", n=6)
+    later = [t.text for t in conv.turns]
+    "".join(conv.edit(2, [MI.text("Where do they live?")], GREEDY, 6))
+    conv.switch(2, 0)
+    assert [t.text for t in conv.turns] == later
+    assert conv.session.tokens == oracle_tokens(smol, conv)
+    assert conv.last_stats.reused >= conv.turns[2].span[0]
+    want = greedy_from(smol, conv.session.tokens, 4)
+    "".join(conv.continue_reply(GREEDY, 4))
+    assert conv.turns[-1].token_ids[-len(want):] == want or conv.last_stats.finish_reason == "eos"
+
+    with pytest.raises(InvalidArgument, match="outside"):
+        conv.switch(1, 5)
+    with pytest.raises(InvalidArgument, match="outside"):
+        conv.siblings(9)
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def test_compare_replies_equal_solo_regenerates_from_one_prefill(smol):
+    conv = Conversation(smol, system_prompt="You tell stories.")
+    say(conv, "Start a story about a fox.", n=4)
+    before = conv.turns[2].text
+    opened = smol.open_sessions
+    pieces = {0: [], 1: [], 2: []}
+    for k, piece in conv.compare(HOT, max_new_tokens=12):
+        pieces[k].append(piece)
+        assert smol.open_sessions == opened + 2  # two forks while it runs
+    assert smol.open_sessions == opened
+    st = conv.last_stats
+    assert st.replies == 3 and st.extra_prefilled == 0 and st.prefilled == 0 and len(st.finish_reasons) == 3
+    replies = conv.last_compare[1]
+    assert conv.siblings(2) == [before] + [r.text for r in replies] and conv.sibling_index(2) == 1
+    assert ["".join(pieces[k]) for k in range(3)] == [r.text for r in replies]
+    assert conv.session.tokens == oracle_tokens(smol, conv)  # the first reply is resident
+    assert len({tuple(r.token_ids) for r in replies}) == 3
+    for k, sampling in enumerate(HOT):  # the oracle: each alone, from the same seed
+        "".join(conv.regenerate(sampling, 12))
+        assert conv.turns[2].token_ids == replies[k].token_ids, k
+
+
+def test_compare_without_fork_prefills_again_and_says_so(smol, monkeypatch):
+    from engines.hf_text import HFTextSession
+
+    forked = Conversation(smol)
+    say(forked, "Name two rivers.")
+    "".join(t for _, t in forked.compare(HOT[:2], 8))
+    monkeypatch.setattr(HFTextSession, "fork", Session.fork)  # an engine that cannot fork
+    conv = Conversation(smol)
+    say(conv, "Name two rivers.")
+    prompt = conv.position - len(conv.turns[1].token_ids)
+    "".join(t for _, t in conv.compare(HOT[:2], 8))
+    assert conv.last_stats.extra_prefilled == prompt  # one more full prefill, reported
+    assert [r.token_ids for r in conv.last_compare[1]] == [r.token_ids for r in forked.last_compare[1]]
+    forked.close(), conv.close()
+
+
+def test_compare_with_a_new_message_and_bad_calls(smol):
+    conv = Conversation(smol)
+    with pytest.raises(InvalidArgument, match="nothing to compare"):
+        conv.compare(HOT[:2], 4)
+    with pytest.raises(InvalidArgument, match="2 to 4"):
+        conv.compare(HOT[:1], 4, parts=[MI.text("hi")])
+    with pytest.raises(InvalidArgument, match="SamplingConfig"):
+        conv.compare([GREEDY, {"temperature": 1}], 4, parts=[MI.text("hi")])
+    assert conv.turns == [] and conv.last_stats is None
+    "".join(t for _, t in conv.compare(HOT[:2], 4, parts=[MI.text("Hello!")]))
+    assert [t.role for t in conv.turns] == ["user", "assistant"] and len(conv.siblings(1)) == 2
+    assert conv.session.tokens == oracle_tokens(smol, conv)
+    conv.close()
+
+
+def test_fork_and_compare_respect_the_capacity(smol):
+    conv = Conversation(smol)
+    say(conv, "Hi!", n=3)
+    held = []
+    with pytest.raises(EngineError, match="busy"):
+        while True:  # fill every free slot, whoever else holds some
+            held.append(smol.create_session())
+    try:
+        with pytest.raises(EngineError, match="busy"):
+            conv.session.fork()
+        tokens, turns = conv.session.tokens, tree(conv)
+        with pytest.raises(EngineError, match="busy: comparing 2 replies needs 1 more session"):
+            conv.compare(HOT[:2], 4)
+        assert conv.session.tokens == tokens and tree(conv) == turns
+        held.pop().close()
+        "".join(t for _, t in conv.compare(HOT[:2], 4))
+        assert len(conv.siblings(1)) == 3
+    finally:
+        for s in held:
+            s.close()
+        conv.close()
+
+
+def test_stop_during_compare_stops_every_reply(smol):
+    conv = Conversation(smol)
+    say(conv, "Count from one to fifty in words.", n=2)
+    opened = smol.open_sessions
+    gen = conv.compare(HOT, max_new_tokens=200)
+    seen = 0
+    for _ in gen:
+        seen += 1
+        if seen == 6:
+            threading.Thread(target=conv.stop).start()
+            break
+    rest = list(gen)
+    assert len(rest) <= 3 + 3  # at most the round in flight, plus held-back tails
+    st = conv.last_stats
+    assert st.finish_reasons == ("stopped",) * 3 and st.finish_reason == "stopped"
+    assert smol.open_sessions == opened
+    assert all(0 < len(r.token_ids) < 200 for r in conv.last_compare[1])
+    assert conv.session.tokens == oracle_tokens(smol, conv)
+    say(conv, "Thanks.", n=2)  # and no stop request is left behind
+    assert conv.last_stats.finish_reason in ("eos", "length")
+
+
+# --------------------------------------------------------------------------- export / import
+
+
+def test_the_whole_tree_round_trips_and_flat_transcripts_still_import(smol):
+    conv = Conversation(smol, system_prompt="Be brief.")
+    say(conv, "Name a fruit.")
+    "".join(conv.regenerate(HOT[0], 6))
+    say(conv, "And a colour?")
+    "".join(t for _, t in conv.compare(HOT[:2], 6))
+    "".join(conv.edit(3, [MI.text("And a planet?")], GREEDY, 6))
+    conv.switch(3, 0)
+    conv.drop_from(3)
+    messages = json.loads(json.dumps(conv.to_messages()))
+    assert messages[2]["sibling_index"] == 1 and len(messages[2]["siblings"]) == 1
+    assert len(messages[-1]["next_branches"]) == 1  # the undone branch's sibling, kept
+    back = Conversation.from_messages(smol, messages)
+    assert tree(back) == tree(conv) and back.session.tokens == oracle_tokens(smol, back)
+    assert back.to_messages() == messages
+    say(back, "A new question?")
+    assert back.siblings(3) == ["And a planet?", "A new question?"]
+    back.close()
+
+    flat = [{k: v for k, v in m.items() if k not in ("siblings", "sibling_index", "next_branches")}
+            for m in messages]
+    old = Conversation.from_messages(smol, flat)
+    assert [len(old.siblings(i)) for i in range(len(old.turns))] == [1, 1, 1]
+    assert old.session.tokens == oracle_tokens(smol, old)
+    old.close()
+
+    bad = json.loads(json.dumps(messages))
+    bad[2]["siblings"][0][0]["role"] = "user"
+    with pytest.raises(InvalidArgument, match="sibling of a assistant message must be a assistant"):
+        Conversation.from_messages(smol, bad)
+    conv.close()
+
+
+# --------------------------------------------------------------------------- engines
+
+
+def test_fork_copies_tokens_and_pending_logits_and_is_independent(smol):
+    prompt = smol.render([{"role": "user", "content": "What is the capital of France?"}])
+    with smol.create_session() as s:
+        s.prefill(prompt)
+        opened = smol.open_sessions
+        with s.fork() as f:
+            assert smol.open_sessions == opened + 1
+            assert f.tokens == s.tokens
+            want = greedy_from(smol, s.tokens, 6)
+            assert greedy_ids(f, 6) == want
+            assert s.position == len(smol.tokenize(prompt))  # the original did not move
+            assert greedy_ids(s, 6) == want
+        assert smol.open_sessions == opened
+
+    class Bare(Session):  # a backend written from base.py alone
+        tokens = []
+        prefill = decode_one = stop = can_seek = seek = reset = close = lambda *a: None
+
+    with pytest.raises(NotSupported, match="cannot fork"):
+        Bare().fork()
+
+
+def test_decode_batch_equals_decode_one(smol):
+    prompt = smol.render([{"role": "user", "content": "Write a line about rain."}])
+    with smol.create_session() as s:
+        s.prefill(prompt)
+        solo = []
+        for c in HOT:
+            with s.fork() as f:
+                solo.append([f.decode_one(c).token_id for _ in range(6)])
+        forks = [s.fork() for _ in HOT]
+        batched = [[], [], []]
+        for _ in range(6):
+            for out, r in zip(batched, smol.decode_batch(forks, HOT)):
+                out.append(r.token_id)
+        assert batched == solo
+        assert forks[0].tokens == s.tokens + solo[0][:6] or solo[0][-1] in smol.eos_token_ids
+        for f in forks:
+            f.close()
+
+
+def test_fork_of_a_multimodal_session_keeps_its_media_state():
+    from tests.tiny_models import media_prompts, tiny_engine
+
+    engine = tiny_engine("qwen2_vl")  # M-RoPE positions are per session: they must be copied
+    prompt = media_prompts("image")(engine)[0]
+    with engine.create_session() as s:
+        s.prefill(prompt)
+        with s.fork() as f:
+            assert f.tokens == s.tokens and f.media_spans == s.media_spans and f.rope_deltas == s.rope_deltas
+            assert greedy_ids(f, 5) == greedy_ids(s, 5)
