@@ -347,7 +347,7 @@ class HFMultimodalSession(HFTextSession):
             return None
         return (self._rope_next[-1] if self._rope_next else 0) - self.position
 
-    def _run(self, ids: list[int], extras: dict) -> None:
+    def _run(self, ids: list[int], extras: dict, stoppable: bool = False) -> bool:
         eng = self._engine
         extras = dict(extras)
         nxt = None
@@ -361,9 +361,11 @@ class HFMultimodalSession(HFTextSession):
             # Gemma 3 reads token types by absolute position, so give them from position 0.
             full = torch.tensor([self._ids + ids])
             extras["token_type_ids"] = (full == eng.image_token_id).long()
-        super()._run(ids, extras)
+        if not super()._run(ids, extras, stoppable):
+            return False  # stopped before the forward: nothing moved
         if nxt is not None:
             self._rope_next.extend(nxt)
+        return True
 
     def prefill(self, inputs, num_bos=0, num_eos=0) -> int:
         before = len(self._media_spans)

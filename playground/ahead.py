@@ -72,14 +72,25 @@ class Ahead:
         cancelling the consumer's task interrupts them at once, where a sync generator
         blocked in `next()` could not be closed until it yielded."""
         loop = asyncio.get_running_loop()
-        news = asyncio.Event()
+        news, finished = asyncio.Event(), asyncio.Event()
+
+        def wake():
+            news.set()
+            if self._done:
+                finished.set()
+
         with self._lock:
-            self._wake = lambda: loop.call_soon_threadsafe(news.set)
+            self._wake = lambda: loop.call_soon_threadsafe(wake)
         seen, not_before = 0, 0.0
         while True:
             delay = not_before - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
+            if delay > 0 and not finished.is_set():
+                # Paced, but the end is shown at once: under load a render can take 0.1 s, and
+                # sleeping out its pacing (x9) after a Stop made the Stop look seconds late.
+                try:
+                    await asyncio.wait_for(finished.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
             news.clear()
             with self._lock:
                 count, done = self._count, self._done

@@ -4,6 +4,14 @@ This module knows nothing of Gradio widgets or tensors: it maps an opaque key
 (the tab's Gradio `session_hash`) to a `Tab` that owns one `Conversation`.
 Tabs are made on a tab's first action, freed by `close(key)` (wired to
 `demo.unload`) or by `sweep()` after `idle_timeout_s` without an action.
+
+It also owns two things a public deployment needs per tab, keyed the same way
+and kept even before the tab has a conversation:
+- stop requests (`request_stop`): a Stop is recorded with its time, so an action
+  that was asked for before it is pre-empted however late it starts
+  (`stop_requested(key, since)`), and a running stream is stopped at once;
+- a rate limit on actions (`RateLimit`, `take_action`): a token bucket per tab, so
+  a script hammering one tab is refused quickly instead of queueing work.
 """
 
 from __future__ import annotations
@@ -27,6 +35,37 @@ class TabBusy(EngineError):
     """This tab already runs an action (a reply is streaming)."""
 
 
+class RateLimited(EngineError):
+    """This tab asked for more actions than the rate limit allows; the message says when to retry."""
+
+
+# Stop requests are remembered this long (an action can wait in the queue for a
+# while before it starts) and for at most this many tabs (keys come from clients).
+STOP_MEMORY_S = 600.0
+# A Stop that finds nothing running (no tab yet, or between actions) also pre-empts an action
+# asked for up to this long after it: a client's Send and Stop race over two connections, and
+# in a run here the Stop sent 0.1 s after a new tab's Send reached the server 0.08 s before it.
+STOP_GRACE_S = 2.0
+MAX_REMEMBERED_KEYS = 10_000
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """At most `per_minute` actions a minute per tab, `burst` of them at once.
+    `per_minute <= 0` turns the limit off."""
+
+    per_minute: float = 120.0
+    burst: int = 30
+
+    def __post_init__(self):
+        if self.per_minute > 0 and (isinstance(self.burst, bool) or not isinstance(self.burst, int) or self.burst < 1):
+            raise ValueError(f"a rate limit's burst must be an int >= 1, got {self.burst!r}")
+
+    @property
+    def on(self) -> bool:
+        return self.per_minute > 0
+
+
 @dataclass
 class Tab:
     """A browser tab's conversation plus the bookkeeping around it."""
@@ -45,6 +84,32 @@ class Tab:
 
     def touch(self) -> None:
         self.last_used = time.monotonic()
+
+
+class PromptTooLong(EngineError):
+    """One action's new message is over the deployment's prompt limit."""
+
+
+# No tokenizer makes tokens of more characters than this on average, so text longer
+# than this many times the limit is refused without tokenizing it (a pasted novel).
+CHARS_PER_TOKEN_BOUND = 32
+
+
+def check_prompt(engine, parts, max_tokens: int | None) -> int | None:
+    """Refuse a new message (text and media, expanded as the model sees them) over
+    `max_tokens` tokens, before anything changes. Returns its token count (None when
+    there is no limit). Media errors surface here as they would in `send`."""
+    if not max_tokens:
+        return None
+    chars = sum(len(p.value) for p in parts if p.kind == "text")
+    if chars > max_tokens * CHARS_PER_TOKEN_BOUND:
+        raise PromptTooLong(f"The message is {chars:,} characters long, far over the limit of "
+                            f"{max_tokens:,} tokens per message. Send a shorter message; your text is kept.")
+    n = len(engine.tokenize(list(parts)))
+    if n > max_tokens:
+        raise PromptTooLong(f"The message is {n:,} tokens (attachments included), over the limit of "
+                            f"{max_tokens:,} tokens per message. Send a shorter message; your text is kept.")
+    return n
 
 
 def close_conversation(conv) -> None:
@@ -68,13 +133,18 @@ class SessionManager:
         idle_timeout_s: a tab idle this long (and not streaming) is freed by `sweep`.
     """
 
-    def __init__(self, engine, make_conversation: Callable, max_sessions: int, idle_timeout_s: float = 900.0):
+    def __init__(self, engine, make_conversation: Callable, max_sessions: int, idle_timeout_s: float = 900.0,
+                 rate_limit: RateLimit | None = None):
         self.engine = engine
         self.make_conversation = make_conversation
         self.max_sessions = max_sessions
         self.idle_timeout_s = idle_timeout_s
+        self.rate_limit = rate_limit or RateLimit(0)
+        self.stop_grace_s = STOP_GRACE_S
         self._tabs: dict[str, Tab] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the three dicts
+        self._stops: dict[str, float] = {}  # key -> pre-empts actions asked for up to then (time.monotonic())
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, when)
         self._reaper: threading.Thread | None = None
         self._stop_reaper = threading.Event()
 
@@ -119,6 +189,68 @@ class SessionManager:
         old, tab.conv = tab.conv, new
         tab.raw, tab.system_prompt = raw, system_prompt
         close_conversation(old)
+
+    # ------------------------------------------------------------------ stop and rate
+
+    def request_stop(self, key: str, now: float | None = None) -> bool:
+        """Stop `key`'s running stream, and remember the request for an action asked
+        for before it that has not started yet (or whose tab does not exist yet). A
+        Stop that finds nothing running also pre-empts an action asked for up to
+        STOP_GRACE_S after it (the two requests raced). Returns whether a tab was
+        there to stop. Never blocks on a forward pass."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            tab = self._tabs.get(key)
+            reach = now if (tab is not None and tab.streaming) else now + self.stop_grace_s
+            self._stops.pop(key, None)  # re-inserted: the dict stays in time order
+            self._stops[key] = reach
+            self._forget(self._stops, now - STOP_MEMORY_S, lambda t: t)
+        if tab is None:
+            return False
+        try:
+            tab.conv.stop()
+        except Exception:  # noqa: BLE001 - a broken conversation must not fail a Stop
+            log.exception("stop failed")
+        return True
+
+    def stop_requested(self, key: str, since: float) -> bool:
+        """Whether a Stop for `key` reaches an action asked for at `since` (time.monotonic()):
+        it came later, or found nothing running and came at most STOP_GRACE_S earlier."""
+        with self._lock:
+            reach = self._stops.get(key)
+        return reach is not None and reach >= since
+
+    def take_action(self, key: str, now: float | None = None) -> None:
+        """Count one action against `key`'s rate limit; raises `RateLimited` when over it."""
+        rate = self.rate_limit
+        if not rate.on:
+            return
+        now = time.monotonic() if now is None else now
+        per_s = rate.per_minute / 60.0
+        with self._lock:
+            tokens, when = self._buckets.get(key, (float(rate.burst), now))
+            tokens = min(float(rate.burst), tokens + (now - when) * per_s)
+            if tokens < 1.0:
+                self._buckets[key] = (tokens, now)
+                wait = (1.0 - tokens) / per_s
+                raise RateLimited(
+                    f"Too many actions in this tab: at most {rate.per_minute:g} a minute "
+                    f"({rate.burst} at once). Try again in {max(wait, 0.1):.1f} s."
+                )
+            self._buckets.pop(key, None)  # re-inserted: the dict stays in time order
+            self._buckets[key] = (tokens - 1.0, now)
+            # A full bucket says nothing: forget it (keys come from clients, so the dict stays small).
+            self._forget(self._buckets, now - rate.burst / per_s, lambda v: v[1])
+
+    @staticmethod
+    def _forget(d: dict, before: float, when) -> None:
+        """Drop entries last touched before `before`, and the oldest beyond the cap (lock held)."""
+        if len(d) < 64:
+            return
+        for k in [k for k, v in d.items() if when(v) < before]:
+            del d[k]
+        while len(d) > MAX_REMEMBERED_KEYS:
+            del d[next(iter(d))]
 
     # ------------------------------------------------------------------ freeing
 

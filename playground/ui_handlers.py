@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -18,7 +19,7 @@ import gradio as gr
 
 from engines import ContextFull, EngineError, MultimodalInput
 from playground.ahead import Ahead
-from playground.sessions import Busy, SessionManager, Tab, TabBusy
+from playground.sessions import Busy, SessionManager, Tab, TabBusy, check_prompt
 from playground.ui_inputs import BadInput, clamp_new_tokens, make_sampling, parse_box, parse_stop_strings
 from playground.ui_render import (chat_messages, compare_html, context_html, part_text, tokens_html,
                                   turn_for_display_index)
@@ -31,6 +32,35 @@ EMPTY_BOX = {"text": "", "files": []}
 # one render per token cost the decode rate a tenth to a quarter here.
 RENDER_SHARE, RENDER_INTERVAL_S = 0.1, 0.05
 TRANSCRIPT_FORMAT = "llm-playground-transcript"
+DEFAULT_MAX_TRANSCRIPT_MB = 10.0
+
+
+def action_requested_at() -> float:
+    """When the running Gradio event was queued (`time.monotonic()`), else now.
+
+    A Stop pre-empts every action of its tab asked for before it, however long the
+    action waited in the queue. Gradio keeps the queue time on its `Event`, reached
+    through the context variables its handlers run in (as `gr.Progress` does)."""
+    now = time.monotonic()
+    try:
+        from gradio.context import LocalContext
+
+        blocks, event_id = LocalContext.blocks.get(None), LocalContext.event_id.get(None)
+        event = blocks._queue.event_ids_to_events.get(event_id)
+        return min(float(event.enqueue_time), now)
+    except Exception:  # noqa: BLE001 - another Gradio: only Stops from now on count
+        return now
+
+
+def as_index(value, what: str) -> int:
+    """A whole number from an API argument, or BadInput naming it (NaN, inf, text)."""
+    try:
+        f = float(value)
+        if not math.isfinite(f) or f != int(f):
+            raise ValueError
+        return int(f)
+    except (TypeError, ValueError, OverflowError):
+        raise BadInput(f"{what} must be a whole number, got {value!r}") from None
 
 
 def default_make_conversation(engine, messages, system_prompt: str, raw: bool):
@@ -39,7 +69,7 @@ def default_make_conversation(engine, messages, system_prompt: str, raw: bool):
 
     if messages:
         if not raw:  # the system prompt box is the source of truth
-            messages = [m for m in messages if m.get("role") != "system"]
+            messages = [m for m in messages if not (isinstance(m, dict) and m.get("role") == "system")]
             if system_prompt:
                 messages = [{"role": "system", "content": system_prompt}] + messages
         # prefill=False: the KV is rebuilt lazily, by the tab's next action.
@@ -84,8 +114,11 @@ class Handlers:
     failure becomes a plain message in the status line, never a traceback.
     """
 
-    def __init__(self, engine, sessions: SessionManager, max_new_tokens_cap: int, max_file_mb: float):
+    def __init__(self, engine, sessions: SessionManager, max_new_tokens_cap: int, max_file_mb: float,
+                 max_prompt_tokens: int | None = None, max_transcript_mb: float = DEFAULT_MAX_TRANSCRIPT_MB):
         self.sessions = sessions
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_transcript_mb = max_transcript_mb
         self.max_context = engine.capacity.max_context_len
         self.modalities = engine.modalities
         self.model = engine.name
@@ -97,10 +130,22 @@ class Handlers:
     # ------------------------------------------------------------------ helpers
 
     def open_tab(self, request: gr.Request, stored) -> Tab:
-        """This browser tab's Tab, made on first use from the browser-stored transcript. May raise Busy."""
-        stored = stored or {}
-        return self.sessions.open(request.session_hash, stored.get("messages") or None,
-                                  stored.get("system_prompt") or "", bool(stored.get("raw")))
+        """This browser tab's Tab, made on first use from the browser-stored transcript; counts one
+        action against the tab's rate limit. May raise Busy or RateLimited."""
+        stored = stored if isinstance(stored, dict) else {}
+        messages = stored.get("messages") if isinstance(stored.get("messages"), list) else None
+        sp = stored.get("system_prompt") if isinstance(stored.get("system_prompt"), str) else ""
+        key = request.session_hash
+        self.sessions.take_action(key)
+        try:
+            return self.sessions.open(key, messages or None, sp, bool(stored.get("raw")))
+        except Busy:
+            raise
+        except EngineError as e:  # a stored transcript that no longer imports must not lock the tab out
+            if not messages:
+                raise
+            log.warning("tab %s: the browser-stored transcript was not restored: %s", key, e)
+            return self.sessions.open(key, None, sp, bool(stored.get("raw")))
 
     def sync(self, tab: Tab, system_prompt, raw) -> None:
         """Follow the raw toggle and the system prompt box (call with the tab's lock held)."""
@@ -161,8 +206,10 @@ class Handlers:
         `start(conv)` returns a generator of text pieces (validated on call) or a str.
         The model works in threads; this async generator only renders, on Gradio's
         event loop. Cancelling it (Stop, or a client's cancel) stops the
-        conversation's stream, which records the partial reply.
+        conversation's stream, which records the partial reply. A Stop that came
+        after this action was asked for, even before its tab existed, pre-empts it.
         """
+        requested_at = action_requested_at()
         try:
             tab = self.open_tab(request, stored)
         except Exception as e:  # noqa: BLE001 - every failure becomes a message
@@ -174,6 +221,10 @@ class Handlers:
         ahead = None
         try:
             tab.touch()
+            if self.sessions.stop_requested(request.session_hash, requested_at):
+                yield self.view(tab, status="Stopped before it started: nothing was sent, and your text is kept.",
+                                streaming=False)
+                return
             try:
                 self.sync(tab, system_prompt, raw)
                 shown_tokens = tokens_html(tab.conv)  # the token view keeps the last reply's until the end
@@ -181,6 +232,8 @@ class Handlers:
             except Exception as e:  # noqa: BLE001
                 yield self.fail(e, tab)
                 return
+            if self.sessions.stop_requested(request.session_hash, requested_at):
+                tab.conv.stop()  # it came while the action started, and starting clears a stop request
             # The box is cleared only once the turn is in the transcript: a failure while
             # planning or prefilling (busy engine, failed forward) leaves the text where it was.
             yield self.view(tab, streaming=True)
@@ -246,9 +299,11 @@ class Handlers:
         except BadInput as e:
             yield self.fail(e)
             return
-        async for update in self.stream(request, stored, system_prompt, raw,
-                                        lambda conv: conv.send(parts, args[0], args[1], stop_strings=args[2]),
-                                        clear_box=True):
+        def start(conv):
+            check_prompt(conv.engine, parts, self.max_prompt_tokens)
+            return conv.send(parts, args[0], args[1], stop_strings=args[2])
+
+        async for update in self.stream(request, stored, system_prompt, raw, start, clear_box=True):
             yield update
 
     def make_simple(self, method):
@@ -279,7 +334,9 @@ class Handlers:
         def start(conv):
             old = conv.turns[turn_index] if 0 <= turn_index < len(conv.turns) else None
             media = [p for p in old.parts if p.kind != "text"] if old is not None else []
-            return conv.edit(turn_index, media + [MultimodalInput.text(text)], sampling, n, stop_strings=stop_strings)
+            parts = media + [MultimodalInput.text(text)]
+            check_prompt(conv.engine, parts, self.max_prompt_tokens)
+            return conv.edit(turn_index, parts, sampling, n, stop_strings=stop_strings)
 
         async for update in self.stream(request, stored, system_prompt, raw, start):
             yield update
@@ -302,16 +359,26 @@ class Handlers:
 
     async def on_api_edit(self, turn_index, text, temperature, top_p, top_k, rep, seed, max_new, stops, system_prompt, raw,
                     stored, request: gr.Request):
-        async for update in self.edit_turn(int(turn_index), text,
+        try:
+            turn_index = as_index(turn_index, "turn_index")
+        except BadInput as e:
+            yield self.fail(e)
+            return
+        async for update in self.edit_turn(turn_index, text,
                                            (temperature, top_p, top_k, rep, seed, max_new, stops),
                                            system_prompt, raw, stored, request):
             yield update
 
     def rewind_to(self, turn_index, offset, system_prompt, raw, stored, request):
+        try:
+            turn_index, offset = as_index(turn_index, "turn_index"), as_index(offset, "offset")
+        except BadInput as e:
+            return self.fail(e)
+
         def act(tab):
-            tab.conv.rewind(int(turn_index), int(offset))
+            tab.conv.rewind(turn_index, offset)
         return self.immediate(request, stored, system_prompt, raw, act,
-                         status=f"Rewound to just before token {int(offset)}: press Continue to resample from here.")
+                         status=f"Rewound to just before token {offset}: press Continue to resample from here.")
 
     def on_token_click(self, system_prompt, raw, stored, data: gr.SelectData, request: gr.Request):
         return self.rewind_to(data.value, data.index, system_prompt, raw, stored, request)
@@ -334,10 +401,11 @@ class Handlers:
     def on_reset(self, system_prompt, raw, stored, request: gr.Request):
         return self.immediate(request, stored, system_prompt, raw, lambda tab: tab.conv.reset(), status="Reset.")
 
-    def on_stop(self, request: gr.Request):
-        tab = self.sessions.get(request.session_hash)
-        if tab is not None:
-            tab.conv.stop()  # this tab's conversation only
+    async def on_stop(self, request: gr.Request):
+        # This tab's stream only; remembered for an action of this tab that has not started yet.
+        # Async: it never blocks (it sets flags), so it runs at once on the event loop, not
+        # after a hop through a busy thread pool.
+        self.sessions.request_stop(request.session_hash)
 
     def on_raw_change(self, raw, system_prompt, request: gr.Request):
         mode = "Raw mode: no chat template; your text is prefilled as is and continued." if raw else "Chat mode."
@@ -380,12 +448,24 @@ class Handlers:
     def on_import(self, file, system_prompt, raw, stored, request: gr.Request):
         try:
             path = file if isinstance(file, str) else getattr(file, "name", None)
+            if not path or not os.path.isfile(path):
+                raise BadInput("No transcript file arrived; choose a .json file exported by the playground.")
+            size, limit = os.path.getsize(path), self.max_transcript_mb * 1024 * 1024
+            if size > limit:
+                raise BadInput(f"{os.path.basename(path)} is {size / 1048576:.1f} MB, over the "
+                               f"{self.max_transcript_mb:g} MB limit for a transcript. Nothing was imported.")
             with open(path, encoding="utf-8") as f:
-                data = json.load(f)
+                try:
+                    data = json.load(f)
+                except RecursionError:
+                    raise BadInput("The transcript is not valid: its JSON is nested too deeply.") from None
             messages = data.get("messages") if isinstance(data, dict) else data
             if not isinstance(messages, list):
                 raise BadInput("This file is not a transcript: expected a JSON list of messages "
                                "or an object with \"messages\".")
+            if len(messages) > self.max_context:  # each message is at least one token
+                raise BadInput(f"The transcript has {len(messages):,} messages; a context of {self.max_context:,} "
+                               "tokens cannot hold them. Nothing was imported.")
             new_raw = bool(data.get("raw", raw)) if isinstance(data, dict) else bool(raw)
             sp = next((m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "system"
                        and isinstance(m.get("content"), str)), "")

@@ -147,8 +147,12 @@ def make_sampling(temperature, top_p, top_k, repetition_penalty, seed) -> Sampli
     try:
         if seed is None or (isinstance(seed, float) and math.isnan(seed)) or seed == "" or float(seed) < 0:
             seed = None
+        elif not math.isfinite(float(seed)):
+            raise BadInput(f"seed must be a whole number (-1 = random), got {seed!r}")
         else:
             seed = int(seed)
+        if not math.isfinite(float(top_k or 0)):
+            raise BadInput(f"top_k must be a whole number >= 0 (0 = off), got {top_k!r}")
         return SamplingConfig(
             temperature=float(temperature if temperature is not None else 0.0),
             top_p=float(top_p if top_p is not None else 1.0),
@@ -156,14 +160,14 @@ def make_sampling(temperature, top_p, top_k, repetition_penalty, seed) -> Sampli
             repetition_penalty=float(repetition_penalty if repetition_penalty is not None else 1.0),
             seed=seed,
         )
-    except (InvalidArgument, TypeError, ValueError) as e:
+    except (InvalidArgument, TypeError, ValueError, OverflowError) as e:
         raise BadInput(f"Sampling settings: {e}") from None
 
 
 def clamp_new_tokens(n, cap: int) -> int:
     try:
         n = int(n)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise BadInput(f"max new tokens must be a whole number, got {n!r}") from None
     if n < 1:
         raise BadInput(f"max new tokens must be at least 1, got {n}")
