@@ -5,7 +5,7 @@ decode step, on a cache owned by the session (`HFTextEngine.new_cache`); the
 weights are shared and forwards on them are serialised by the engine's lock.
 
 Differences from the contract: none. With `compile=True` the cache is a
-fixed-size `StaticCache` and seek still works (DESIGN.md allows a static cache
+fixed-size `StaticCache` and seek still works (the contract allows a static cache
 to refuse it; this one need not). Extras: `top_logprobs(k)`; `fork()` copies
 the cache; `decode_batch` forwards sessions at one position together (`batch.py`).
 """

@@ -1,4 +1,4 @@
-"""The contract suite (DESIGN.md "The contract"), run over every engine in tests/cases.py.
+"""The contract suite (engines/base.py states it), run over every engine in tests/cases.py.
 
 Oracles: a fresh session prefilled with the same tokens in one call, and the
 same session's own state before a rejected call.

@@ -62,7 +62,7 @@ def say(conv, text, **kw):
 
 
 def oracle_tokens(engine, conv, template=None):
-    """What DESIGN.md says must be resident: the render of the turns before the
+    """What the contract says must be resident: the render of the turns before the
     last reply (generation prompt on), then that reply's exact ids."""
     turns = conv.turns
     reply = turns[-1] if turns and turns[-1].role == "assistant" else None
