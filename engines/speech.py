@@ -391,6 +391,7 @@ class Transcriber:
         if language in (None, "", "auto"):
             return None
         code = str(language).strip().lower()
+        code = {name.lower(): c for c, name in LANGUAGES.items()}.get(code, code)  # "English" -> "en"
         if code not in model.supported_languages:
             raise InvalidArgument(f"language {language!r} is not one Whisper knows: use a code such as "
                                   f"{', '.join(list(LANGUAGES)[:6])} (or auto to detect it)")

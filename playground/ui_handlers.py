@@ -20,7 +20,8 @@ import gradio as gr
 from engines import ContextFull, EngineError, MultimodalInput
 from playground.ahead import Ahead
 from playground.sessions import Busy, SessionManager, Tab, TabBusy, check_prompt
-from playground.ui_inputs import BadInput, clamp_new_tokens, make_sampling, parse_box, parse_stop_strings
+from playground.ui_inputs import (SPOKEN_MARK, BadInput, clamp_new_tokens, make_sampling, parse_box,
+                                  parse_stop_strings, speech_to_text)
 from playground.ui_render import (chat_messages, compare_html, context_html, part_text, tokens_html,
                                   turn_for_display_index)
 
@@ -115,8 +116,10 @@ class Handlers:
     """
 
     def __init__(self, engine, sessions: SessionManager, max_new_tokens_cap: int, max_file_mb: float,
-                 max_prompt_tokens: int | None = None, max_transcript_mb: float = DEFAULT_MAX_TRANSCRIPT_MB):
+                 max_prompt_tokens: int | None = None, max_transcript_mb: float = DEFAULT_MAX_TRANSCRIPT_MB,
+                 transcriber=None):
         self.sessions = sessions
+        self.transcriber = transcriber  # engines.speech.Transcriber, or None: no speech to text
         self.max_prompt_tokens = max_prompt_tokens
         self.max_transcript_mb = max_transcript_mb
         self.max_context = engine.capacity.max_context_len
@@ -200,7 +203,7 @@ class Handlers:
         return make_sampling(temperature, top_p, top_k, rep, seed), clamp_new_tokens(max_new, self.max_new_tokens_cap), \
             parse_stop_strings(stops)
 
-    async def stream(self, request, stored, system_prompt, raw, start, clear_box=False):
+    async def stream(self, request, stored, system_prompt, raw, start, clear_box=False, note=""):
         """Run one action for this tab: validate, then stream pieces into the widgets.
 
         `start(conv)` returns a generator of text pieces (validated on call) or a str.
@@ -246,7 +249,8 @@ class Handlers:
                 async for _ in ahead:
                     yield self.frame(tab, box if i == 0 else None, shown_tokens, stored)
                     i += 1
-            yield self.view(tab, box=box, status=finish_note(tab.conv), streaming=False, save=True)
+            yield self.view(tab, box=box, status=finish_note(tab.conv, f"{note} · " if note else ""),
+                            streaming=False, save=True)
         except Exception as e:  # noqa: BLE001 - a failure mid-stream keeps the transcript
             yield self.fail(e, tab)
         finally:
@@ -292,18 +296,30 @@ class Handlers:
     # ------------------------------------------------------------------ handlers
 
     async def on_send(self, box, temperature, top_p, top_k, rep, seed, max_new, stops, system_prompt, raw, stored,
-                request: gr.Request):
+                      transcribe_first=False, language="auto", request: gr.Request = None):
+        # Recordings become text for a model that takes no audio, or when the user asks.
+        speech = self.transcriber is not None and ("audio" not in self.modalities or bool(transcribe_first))
         try:
-            parts = parse_box(box, self.modalities, self.model, self.max_file_mb)
+            parts = parse_box(box, self.modalities, self.model, self.max_file_mb, speech=speech)
             args = self.settings(temperature, top_p, top_k, rep, seed, max_new, stops)
         except BadInput as e:
             yield self.fail(e)
             return
+        note = ""
+        if speech and any(p.kind == "audio" for p in parts):
+            loading = "" if self.transcriber.loaded else " (first use: loading Whisper-base, a few seconds more)"
+            yield self.view(None, status=f"🎤 Transcribing your recording{loading}…")
+            try:
+                parts, note = await asyncio.to_thread(speech_to_text, parts, self.transcriber, language)
+            except BadInput as e:
+                yield self.fail(e)
+                return
+            yield self.view(None, status=note)
         def start(conv):
             check_prompt(conv.engine, parts, self.max_prompt_tokens)
             return conv.send(parts, args[0], args[1], stop_strings=args[2])
 
-        async for update in self.stream(request, stored, system_prompt, raw, start, clear_box=True):
+        async for update in self.stream(request, stored, system_prompt, raw, start, clear_box=True, note=note):
             yield update
 
     def make_simple(self, method):
@@ -353,6 +369,7 @@ class Handlers:
             yield self.fail(BadInput(str(e)), tab)
             return
         text = data.value if isinstance(data.value, str) else (data.value or {}).get("text", "")
+        text = text.removeprefix(SPOKEN_MARK)  # the chat's mark on transcribed speech is no part of the text
         async for update in self.edit_turn(i, text, (temperature, top_p, top_k, rep, seed, max_new, stops),
                                            system_prompt, raw, stored, request):
             yield update

@@ -3,7 +3,8 @@
 Knows nothing of Gradio objects or tensors: it takes the MultimodalTextbox's
 dict (`{"text": str, "files": [paths]}`) and control values, and returns
 `MultimodalInput` parts and a `SamplingConfig`, or raises `BadInput` with a
-message fit to show a person.
+message fit to show a person. Recordings become text through the transcriber
+it is handed (`speech_to_text`); it never loads a model itself.
 """
 
 from __future__ import annotations
