@@ -309,6 +309,8 @@ class CompletionSession(Session):
     def _evaluate(self, tape: list[int], k: int | None = None) -> None:
         try:
             ev = self._engine.evaluate(self._slot, tape, max(k or 0, self._engine.top_k_logprobs))
+        except InvalidArgument:
+            raise  # the server's own validation refused the ids before running anything: nothing changed
         except EngineError as e:
             raise self._poison(str(e)) from e
         except Exception as e:  # a transport failure mid-request

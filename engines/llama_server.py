@@ -14,6 +14,7 @@ import functools
 import hashlib
 import http.client
 import json
+import os
 import threading
 import weakref
 from typing import Callable, Sequence
@@ -42,6 +43,20 @@ def _check_inputs(inputs) -> list[MultimodalInput]:
         if inp.kind in ("text", "tokens") and len(inp.value) == 0:
             raise InvalidArgument(f"input {i} is empty {inp.kind}")
     return list(inputs)
+
+
+def _local_gguf(path: str | None) -> tuple[dict, int]:
+    """(metadata, KV bytes per token) of the GGUF a server on this machine loaded;
+    ({}, 0) when the file is not readable here (a remote server)."""
+    if not path or not os.path.isfile(path):
+        return {}, 0
+    from .gguf_meta import kv_bytes_per_token, read_metadata
+
+    try:
+        meta = read_metadata(path)
+    except (EngineError, OSError):
+        return {}, 0
+    return meta, kv_bytes_per_token(meta)
 
 
 class LlamaServerEngine(CompletionEngine):
@@ -74,6 +89,8 @@ class LlamaServerEngine(CompletionEngine):
             self._headers["Authorization"] = f"Bearer {api_key}"
         self.timeout = timeout
         props = self.get("/props")
+        if not meta and not kv_bytes_per_token:  # a server on this machine: read what HTTP does not say
+            meta, kv_bytes_per_token = _local_gguf(props.get("model_path"))
         models = self.get("/v1/models").get("data") or [{}]
         info = models[0].get("meta") or {}
         meta = meta or {}
@@ -84,6 +101,7 @@ class LlamaServerEngine(CompletionEngine):
             per_slot = min(per_slot, max_context)
         sessions = min(slots, max_sessions) if max_sessions else slots
         self.name = name or models[0].get("id") or props.get("model_alias") or self.url
+        self.served_model = models[0].get("id")  # every response names it; another name is another model
         self.max_context = per_slot
         self.modalities = frozenset({"text", "tokens"})
         self.capacity = ServingCapacity(sessions, per_slot, kv_bytes_per_token, kv_bytes_per_token * per_slot)
@@ -114,6 +132,9 @@ class LlamaServerEngine(CompletionEngine):
             conn.request(method, self._prefix + path, None if body is None else json.dumps(body), self._headers)
             resp = conn.getresponse()
             data = resp.read()
+        except TimeoutError as e:
+            raise EngineError(f"{self.url}{path} sent nothing for {self.timeout:g} s (the timeout): "
+                              "the server is overloaded or stuck") from e
         except OSError as e:
             raise EngineError(f"cannot reach the server at {self.url}: {e}") from e
         finally:
@@ -231,6 +252,8 @@ class LlamaServerEngine(CompletionEngine):
         body = {"prompt": ids, "n_predict": 1, "n_probs": k, "return_tokens": True, "cache_prompt": True,
                 "id_slot": slot, "stream": False, "seed": 0, **self._settings(SamplingConfig())}
         out = self.post("/completion", body)
+        if self._other_model(out):
+            raise EngineError(self._other_model(out))
         tokens = out.get("tokens") or []
         if not tokens:
             raise EngineError(f"the server returned no token for a one-token request: {str(out)[:200]}")
@@ -251,7 +274,8 @@ class LlamaServerEngine(CompletionEngine):
             conn.request("POST", self._prefix + "/v1/completions", json.dumps(request), self._headers)
             resp = conn.getresponse()
             if resp.status >= 400:
-                raise EngineError(f"{self.url}/v1/completions answered HTTP {resp.status}: {resp.read()[:300]!r}")
+                body = resp.read()[:300].decode("utf-8", "replace")
+                raise EngineError(f"{self.url}/v1/completions answered HTTP {resp.status}: {body}")
             for line in resp:
                 if not line.startswith(b"data: "):
                     continue
@@ -259,6 +283,17 @@ class LlamaServerEngine(CompletionEngine):
                     break
                 if on_chunk(json.loads(line[6:])):
                     break
+            else:  # the connection closed before the server said it was done
+                raise EngineError(f"lost the server at {self.url} mid-stream (the connection closed early); "
+                                  "is it still running?")
+        except http.client.HTTPException as e:
+            raise EngineError(f"lost the server at {self.url} mid-stream ({type(e).__name__}); "
+                              "is it still running?") from e
+        except TimeoutError as e:
+            raise EngineError(f"{self.url} sent no token for {self.timeout:g} s (the timeout): "
+                              "the server is overloaded or stuck") from e
+        except OSError as e:
+            raise EngineError(f"lost the server at {self.url} mid-stream ({e}); is it still running?") from e
         finally:
             conn.close()
 
@@ -266,6 +301,8 @@ class LlamaServerEngine(CompletionEngine):
         if "choices" not in chunk:
             err = chunk.get("error") or chunk.get("message") or chunk
             return Parsed(error=f"the server reported an error: {str(err)[:300]}")
+        if self._other_model(chunk):
+            return Parsed(error=self._other_model(chunk))
         choice = chunk["choices"][0]
         token = None
         content = (choice.get("logprobs") or {}).get("content") or []
@@ -278,6 +315,14 @@ class LlamaServerEngine(CompletionEngine):
         finish = choice.get("finish_reason")
         cached = ((chunk.get("usage") or {}).get("prompt_tokens_details") or {}).get("cached_tokens")
         return Parsed(token=token, finish=finish, cached=cached)
+
+    def _other_model(self, response: dict) -> str | None:
+        """A message when `response` comes from another model than the one connected to."""
+        model = response.get("model")
+        if model is None or self.served_model is None or model == self.served_model:
+            return None
+        return (f"{self.url} now serves {model!r}, not {self.served_model!r}: this conversation's token ids "
+                "mean nothing to that model; reconnect (reload the page or restart the app)")
 
     def recover_ids(self, slot: int, request: dict, upto: int) -> list[int]:
         """By URL the slot's files are out of reach: replay the stream's request

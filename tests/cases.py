@@ -65,6 +65,19 @@ def llamacpp_engine() -> Engine:
     return load_engine("smollm2", backend="llama.cpp", max_context=4096)
 
 
+@functools.lru_cache(maxsize=None)
+def llama_server_engine() -> Engine:
+    """The same GGUF behind a real llama-server (a child process, tests/servers.py), by URL."""
+    from tests.servers import LlamaServerProcess
+
+    # One compute thread: on a shared 2-core machine llama.cpp's spinning threads
+    # lose 5-10x under contention (measured), and the tests measure behaviour, not speed.
+    server = LlamaServerProcess(slots=4, ctx_per_slot=4096, threads=1)
+    engine = load_engine(server.url)
+    engine.test_server = server  # kept alive with the engine; it exits with this process
+    return engine
+
+
 ENGINES = {"transformers": default_engine, "llama.cpp": llamacpp_engine}
 
 
@@ -133,6 +146,9 @@ CASES: list[EngineCase] = [
     # llama.cpp's quantized matrix products differ with batch shape, so a chunked
     # prefill's log-probabilities differ from one prefill's by up to a few 1e-2.
     EngineCase("smollm2-llama.cpp", llamacpp_engine, chat_prompts, atol=5e-2,
+               break_session=break_server_session, kv_held=server_kv_held),
+    # The same model and protocol by URL, against a llama-server in another process.
+    EngineCase("smollm2-llama-server", llama_server_engine, chat_prompts, atol=5e-2,
                break_session=break_server_session, kv_held=server_kv_held),
 ]
 
