@@ -1,0 +1,175 @@
+"""Branches and Compare (issue 17): what one prefill shared by N replies, and a
+branch switch that keeps the exact prefix, cost against their peers.
+
+    python -m benchmarks.branches [--quick] [--backend transformers|llama.cpp|both] [--out results.json]
+
+(a) compare: N=3 replies to the last message of a ~1,000-token history, from
+    one prefill (forked sessions, decoded with `engine.decode_batch`), against
+    one `regenerate` of the same length. Target: x1.3 or less.
+(b) switch: moving between two replies to the last message of a ~2,000-token
+    history (`Conversation.switch`), against re-sending that history (a fresh
+    session prefilling the whole tape, what a stateless chat does). Target:
+    x0.05 or less.
+
+Peers run interleaved, repetition by repetition, after a warm-up, in a worker
+thread (as Gradio runs handlers); the table shows medians. Not run in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from engines import MultimodalInput, SamplingConfig  # noqa: E402
+
+from .chat import user_turn  # noqa: E402
+from .common import interleaved, now, summarise  # noqa: E402
+from .decode import in_worker  # noqa: E402
+
+HOT = [SamplingConfig(temperature=0.7, seed=s) for s in (1, 2, 3)]
+FILLER = ("Sure. Here is a careful answer with the history, the main ideas, the usual mistakes and a "
+          "practical example, explained step by step for a beginner. ") * 3
+
+
+def history(engine, tokens: int) -> list[dict]:
+    """Messages whose render is about `tokens` long, ending with a user turn asking for a long reply."""
+    messages, i = [], 0
+    while True:
+        messages.append({"role": "user", "content": user_turn(i)})
+        n = len(engine.tokenize(engine.render(messages, add_generation_prompt=True)))
+        if n >= tokens - 60:
+            messages[-1]["content"] = "Now write a long story about a lighthouse keeper and a storm."
+            return messages
+        messages.append({"role": "assistant", "content": FILLER})
+        i += 1
+
+
+def bench_compare(engine, reps: int, history_tokens: int, reply_tokens: int) -> dict:
+    """(a): one regenerate against a compare of three, same history, same reply length."""
+    from playground import Conversation
+
+    conv = Conversation.from_messages(engine, history(engine, history_tokens))
+    "".join(conv.regenerate(HOT[0], reply_tokens))  # the reply both peers replace
+    prompt = conv.position - len(conv.turns[-1].token_ids)
+    seeds = iter(range(100, 10_000))
+
+    def regenerate():
+        sampling = SamplingConfig(temperature=0.7, seed=next(seeds))
+        t0 = now()
+        "".join(conv.regenerate(sampling, reply_tokens))
+        dt = now() - t0
+        return {"s": dt, "tokens": len(conv.turns[-1].token_ids), "s_per_token": dt / max(1, len(conv.turns[-1].token_ids))}
+
+    def compare():
+        samplings = [SamplingConfig(temperature=0.7, seed=next(seeds)) for _ in HOT]
+        t0 = now()
+        for _ in conv.compare(samplings, reply_tokens):
+            pass
+        dt = now() - t0
+        longest = max(len(r.token_ids) for r in conv.last_compare[1])
+        st = conv.last_stats
+        return {"s": dt, "tokens": st.new_tokens, "longest": longest, "s_per_round": dt / max(1, longest),
+                "prefilled": st.prefilled, "extra_prefilled": st.extra_prefilled}
+
+    runs = interleaved(reps, {"regenerate": regenerate, "compare3": compare})
+    res = summarise(runs)
+    res["history_tokens"] = prompt
+    res["reply_tokens"] = reply_tokens
+    res["ratio_wall"] = res["compare3"]["s"]["median"] / res["regenerate"]["s"]["median"]
+    res["ratio_per_token"] = res["compare3"]["s_per_round"]["median"] / res["regenerate"]["s_per_token"]["median"]
+    res["target"] = 1.3
+    conv.close()
+    return res
+
+
+def bench_switch(engine, reps: int, history_tokens: int, reply_tokens: int) -> dict:
+    """(b): switching between two replies against re-sending the whole history."""
+    from playground import Conversation
+
+    conv = Conversation.from_messages(engine, history(engine, history_tokens))
+    "".join(conv.regenerate(HOT[0], reply_tokens))
+    "".join(conv.regenerate(HOT[1], reply_tokens))
+    i = len(conv.turns) - 1
+    state = {"k": 1}
+
+    def switch():
+        state["k"] ^= 1
+        t0 = now()
+        conv.switch(i, state["k"])
+        dt = now() - t0
+        return {"s": dt, "reused": conv.last_stats.reused, "prefilled": conv.last_stats.prefilled}
+
+    def resend():
+        tape = conv.session.tokens
+        t0 = now()
+        with engine.create_session() as s:
+            s.prefill([MultimodalInput.tokens(tape)])
+            dt = now() - t0
+            cached = getattr(s, "last_cached", None)  # a server's prefix cache, where it reports one
+        return {"s": dt, "tokens": len(tape), **({"server_cached": cached} if cached is not None else {})}
+
+    runs = interleaved(reps, {"switch": switch, "resend_history": resend})
+    res = summarise(runs)
+    res["history_tokens"] = conv.position
+    res["ratio"] = res["switch"]["s"]["median"] / res["resend_history"]["s"]["median"]
+    res["target"] = 0.05
+    conv.close()
+    return res
+
+
+def run(engine, quick: bool = False) -> dict:
+    p = (dict(reps=1, compare_history=256, switch_history=256, reply=6) if quick else
+         dict(reps=5, compare_history=1000, switch_history=2000, reply=32))
+    return {
+        "backend": getattr(engine, "backend", "transformers"),
+        "params": p,
+        "compare": in_worker(bench_compare, engine, p["reps"], p["compare_history"], p["reply"]),
+        "switch": in_worker(bench_switch, engine, p["reps"] * 2, p["switch_history"], p["reply"]),
+    }
+
+
+def table(r: dict) -> str:
+    c, s = r["compare"], r["switch"]
+    med = lambda x: x["median"]  # noqa: E731
+    return "\n".join([
+        f"backend {r['backend']}",
+        f"  (a) compare N=3 at {c['history_tokens']} history tokens, {c['reply_tokens']} tokens per reply:",
+        f"      regenerate {med(c['regenerate']['s']):.2f} s ({med(c['regenerate']['tokens']):.0f} tokens) · "
+        f"compare ×3 {med(c['compare3']['s']):.2f} s ({med(c['compare3']['tokens']):.0f} tokens, "
+        f"prefilled again {med(c['compare3']['extra_prefilled']):.0f})",
+        f"      ratio x{c['ratio_wall']:.2f} wall, x{c['ratio_per_token']:.2f} per reply token "
+        f"(target ≤ x{c['target']})",
+        f"  (b) switch at {s['history_tokens']} tokens: {med(s['switch']['s']) * 1000:.1f} ms "
+        f"(prefilled {med(s['switch']['prefilled']):.0f}) · re-send {med(s['resend_history']['s']) * 1000:.0f} ms "
+        f"· ratio x{s['ratio']:.3f} (target ≤ x{s['target']})",
+    ])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny histories and replies (a smoke run)")
+    ap.add_argument("--backend", default="both", choices=("transformers", "llama.cpp", "both"))
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args(argv)
+    from engines import load_engine
+
+    from .common import machine
+
+    results = {"machine": machine(), "quick": args.quick}
+    for backend in (("transformers", "llama.cpp") if args.backend == "both" else (args.backend,)):
+        engine = load_engine("smollm2", backend=backend, max_context=4096)
+        results[backend] = run(engine, args.quick)
+        print(table(results[backend]), flush=True)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
