@@ -166,7 +166,8 @@ def main(argv=None) -> int:
     print(f"threads {res['threads']}, load {res['load_avg_at_start']}, {res['reps']} paired rounds (medians)")
     print(f"decode_one  HTTP {d['http_tok_s']:.1f} tok/s   in process {d['in_process_tok_s']:.1f} tok/s   "
           f"ratio {d['ratio_median']:.2f}x (target >= 0.85x)")
-    print(f"turn {t['turn']} TTFT ({t['history_tokens']} tokens of history)   cached {t['cached_ttft_s'] * 1000:.0f} ms "
+    print(f"turn {t['turn']} TTFT ({t['history_tokens']} tokens of history)   "
+          f"cached {t['cached_ttft_s'] * 1000:.0f} ms "
           f"(cached_tokens {t['cached_tokens_cached']})   re-sent without cache {t['uncached_ttft_s'] * 1000:.0f} ms "
           f"(cached_tokens {t['cached_tokens_uncached']})   ratio {t['ratio_median']:.3f}x (target <= 0.15x)")
     if args.out:

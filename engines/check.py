@@ -93,7 +93,8 @@ class Checks:
                 a, b = greedy(s, 6), greedy(ref, 6)
             cached = getattr(s, "last_cached", None)
         assert a == b, f"after seek: {a}; fresh session: {b}"
-        return f"rewound {len(gen) - keep} ids" + (f"; the server had {cached} ids cached" if cached is not None else "")
+        note = f"; the server had {cached} ids cached" if cached is not None else ""
+        return f"rewound {len(gen) - keep} ids{note}"
 
     def stop_from_another_thread_gives_a_terminal_step(self):
         with self.engine.create_session() as s:

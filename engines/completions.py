@@ -206,6 +206,9 @@ class _Stream:
         with self.cond:
             self.cancelled = True
             self.cond.notify_all()
+        abort = getattr(self._engine, "abort", None)  # by URL: shut the connection now, even if the server stalls
+        if abort is not None:
+            abort(self.request)
 
     def close(self) -> None:
         """Cancel without waiting: the request ends at the server's next token, and

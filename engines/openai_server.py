@@ -6,31 +6,15 @@ server's automatic prefix cache (vLLM's prefix caching, SGLang's RadixAttention)
 makes resending it cheap. There are no slots to pin: a "slot" here is only the
 session's index, and a fork costs nothing (its first request hits the cache).
 
-Request and response fields, from each server's own source:
-- vLLM `POST /v1/completions` (vllm/entrypoints/openai/completion/protocol.py,
-  `CompletionRequest`): `prompt` as a list of ids; `return_token_ids` puts the
-  chunk's new ids in `choices[0].token_ids`; `logprobs: k` with
-  `return_tokens_as_token_ids` names every alternative "token_id:N";
-  `stream_options.include_usage` ends the stream with `usage`, whose
-  `prompt_tokens_details.cached_tokens` is there when the server runs with
-  `--enable-prompt-tokens-details`; `stop_reason` names the stop token id.
-  Chunks may carry several tokens (completion/serving.py). `POST /tokenize`
-  takes `prompt` or `messages` (serve/tokenize/protocol.py) and returns
-  `tokens` and `max_model_len`; `POST /detokenize` returns `prompt`;
-  `GET /v1/models` gives `max_model_len`; `GET /version` identifies it.
-- SGLang native `POST /generate` (python/sglang/srt/managers/io_struct.py,
-  `GenerateReqInput`): `input_ids`, `sampling_params` (`max_new_tokens`,
-  `sampling_seed`, `top_k` -1 for all; docs.sglang.io basic_usage/sampling_params),
-  `return_logprob`, `top_logprobs_num`, `return_text_in_logprobs`, `stream`.
-  Each streamed `{text, output_ids, meta_info}` is cumulative unless the server
-  runs with `--incremental-streaming-output` (tokenizer_manager.py); `meta_info`
-  has `finish_reason` ({"type", "matched"}), `cached_tokens` and
-  `output_token_logprobs` / `output_top_logprobs` as [logprob, id, text].
-  `POST /tokenize` / `/detokenize` (entrypoints/openai/serving_tokenize.py)
-  return `tokens` / `text`; `GET /get_model_info` identifies it.
+What both servers share lives here: `GET /v1/models` (`id`, `max_model_len`),
+`POST /tokenize` (`prompt`, `add_special_tokens` -> `tokens`), server-sent
+events, OpenAI-style errors, the token tape and sessions. Each dialect
+(engines/vllm_dialect.py, engines/sglang_dialect.py) builds its requests and
+reads its chunks, with the fields cited from the server's own source.
 
-Neither server was run here: these shapes are unit-tested against the sources
-above (tests/test_serving.py), and `python -m engines.check URL` checks a live one.
+Neither server was run here: the dialects are tested against a stub that
+replays those shapes (tests/test_serving.py), and `python -m engines.check URL`
+checks a live one.
 """
 
 from __future__ import annotations
@@ -45,9 +29,9 @@ import weakref
 from typing import Callable, Sequence
 from urllib.parse import urlsplit
 
-from .base import EngineError, InvalidArgument, MultimodalInput, NotSupported, SamplingConfig, ServingCapacity
+from .base import EngineError, InvalidArgument, MultimodalInput, NotSupported, ServingCapacity
 from .chat import render_messages
-from .completions import CompletionEngine, CompletionSession, Evaluated, Parsed, Token
+from .completions import CompletionEngine, CompletionSession, Parsed, Token
 from .llama_server import EOG_STRINGS, _check_inputs
 from .templates import JinjaTemplater
 
@@ -75,7 +59,7 @@ class _Client:
             self.headers["Authorization"] = f"Bearer {api_key}"
         self.timeout = timeout
         self._live: dict[int, http.client.HTTPConnection] = {}  # id(request) -> its open stream
-        self._aborted: set[int] = set()
+        self._aborted: set[int] = set()  # live streams shut by abort()
         self._lock = threading.Lock()
 
     def _conn(self):
@@ -112,9 +96,6 @@ class _Client:
         key = id(body)
         conn = self._conn()
         with self._lock:
-            if key in self._aborted:
-                self._aborted.discard(key)
-                return
             self._live[key] = conn
         try:
             conn.request("POST", self._prefix + path, json.dumps(body), self.headers)
@@ -153,11 +134,14 @@ class _Client:
             conn.close()
 
     def abort(self, body: dict) -> None:
+        """Shut the stream of `body` if it is open (one not yet open ends at its first event)."""
         key = id(body)
         with self._lock:
-            self._aborted.add(key)
             conn = self._live.get(key)
-        if conn is not None and conn.sock is not None:
+            if conn is None:
+                return
+            self._aborted.add(key)
+        if conn.sock is not None:
             try:
                 conn.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader blocked in recv
             except OSError:
@@ -184,13 +168,6 @@ def _error_text(out) -> str:
             return str(err.get("message") or err.get("detail") or err)[:300]
         return str(err)[:300]
     return str(out)[:300]
-
-
-def _token_id(name: str) -> int:
-    """vLLM's "token_id:N" (return_tokens_as_token_ids) -> N."""
-    if not isinstance(name, str) or not name.startswith("token_id:"):
-        raise ServerError(f"expected a 'token_id:N' token name (return_tokens_as_token_ids), got {name!r}")
-    return int(name[9:])
 
 
 class LocalTokenizer:
@@ -467,221 +444,14 @@ class OpenAIServerEngine(CompletionEngine):
         return None
 
 
-class VLLMEngine(OpenAIServerEngine):
-    """vLLM's OpenAI-compatible server."""
-
-    backend = "vllm"
-    stream_path = "/v1/completions"
-
-    def _server_detokenize(self, ids: list[int]) -> str:
-        return self.http.post("/detokenize", {"model": self.served_model, "tokens": ids}).get("prompt", "")
-
-    def _server_templater(self):
-        return _VLLMTemplater(self)
-
-    def _settings(self, sampling: SamplingConfig) -> dict:
-        """Every sampling field vLLM reads, so neither its defaults nor the model's
-        generation_config apply. Greedy wants top_p 1 and top_k -1 (older vLLM checks)."""
-        greedy = sampling.greedy
-        return {
-            "temperature": sampling.temperature, "top_p": 1.0 if greedy else sampling.top_p,
-            "top_k": -1 if greedy or not sampling.top_k else sampling.top_k, "min_p": 0.0,
-            "repetition_penalty": sampling.repetition_penalty, "presence_penalty": 0.0, "frequency_penalty": 0.0,
-            "n": 1, "use_beam_search": False, "stop": [], "stop_token_ids": sorted(self.eos_token_ids),
-            "ignore_eos": False, "include_stop_str_in_output": False, "min_tokens": 0, "logit_bias": None, "bad_words": [],
-            "skip_special_tokens": False, "spaces_between_special_tokens": False, "echo": False,
-        }
-
-    def _body(self, ids, sampling, seed, n, k, stream) -> dict:
-        body = {"model": self.served_model, "prompt": list(ids), "max_tokens": n, "seed": seed, "logprobs": k,
-                "return_tokens_as_token_ids": True, "return_token_ids": True, "stream": stream,
-                **self._settings(sampling)}
-        if stream:
-            body["stream_options"] = {"include_usage": True}
-        return body
-
-    def stream_request(self, slot, ids, sampling, seed, n) -> dict:
-        return self._body(ids, sampling, seed, n, self.top_k_logprobs, True)
-
-    def evaluate(self, slot: int, ids: list[int], k: int) -> Evaluated:
-        body = self._body(ids, SamplingConfig(), 0, 1, k, False)
-        body["ignore_eos"] = True  # an end-of-generation id is still reported as the one token
-        out = self._post_evaluation("/v1/completions", body)
-        problem = self._check_model(out)
-        if problem:
-            raise ServerError(problem)
-        tokens, finish, error, cached = _vllm_tokens(out, self._alt_text)
-        if error:
-            raise ServerError(error)
-        if not tokens:
-            raise ServerError(f"the server returned no token for a one-token request: {str(out)[:200]}")
-        return Evaluated(tokens[0].id, tokens[0].top, cached)
-
-    def _chunks(self, event: dict, state: dict) -> list[dict]:
-        problem = self._check_model(event)
-        if problem:
-            return [{"error": problem}]
-        tokens, finish, error, cached = _vllm_tokens(event, self._alt_text)
-        if error:
-            return [{"error": error}]
-        out = [{"token": t} for t in tokens]
-        if tokens:
-            state["last"] = tokens[-1]
-        if finish is not None:  # the usage chunk follows (include_usage): end there, with cached_tokens
-            state["pending"] = (finish, (event.get("choices") or [{}])[0].get("stop_reason"))
-        elif "usage" in event and "pending" in state:
-            finish, matched = state.pop("pending")
-            out += self._end(finish, matched, state.get("last"), cached)
-        return out
-
-    def _flush(self, state: dict) -> list[dict]:
-        if "pending" not in state:  # a server that sent no usage chunk
-            return []
-        finish, matched = state.pop("pending")
-        return self._end(finish, matched, state.get("last"))
-
-
-def _vllm_tokens(event: dict, alt_text: Callable[[int], str]):
-    """(tokens, finish_reason, error, cached_tokens) of one vLLM completion (chunk)."""
-    if "error" in event or event.get("object") == "error":
-        return [], None, f"the server reported an error: {_error_text(event)}", None
-    usage = event.get("usage") or {}
-    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
-    choices = event.get("choices")
-    if not isinstance(choices, list):
-        return [], None, f"unreadable completion from the server: {str(event)[:200]}", None
-    if not choices:
-        return [], None, None, cached  # the usage chunk
-    c = choices[0]
-    lp = c.get("logprobs") or {}
-    names = lp.get("tokens") or []
-    ids = c.get("token_ids")
-    if ids is None:
-        ids = [_token_id(t) for t in names]
-    elif names and [_token_id(t) for t in names] != list(ids):
-        return [], None, f"the server's token ids {ids} and log-probabilities {names} disagree", None
-    tops = lp.get("top_logprobs") or []
-    lps = lp.get("token_logprobs") or []
-    tokens = []
-    for i, tid in enumerate(ids):
-        alts = tops[i] if i < len(tops) and tops[i] else {}
-        top = tuple(sorted(((_token_id(k), alt_text(_token_id(k)), float(v)) for k, v in alts.items()),
-                           key=lambda a: -a[2]))
-        text = (c.get("text") or "") if i == len(ids) - 1 else ""
-        tokens.append(Token(int(tid), text, lps[i] if i < len(lps) else None, top))
-    return tokens, c.get("finish_reason"), None, cached
-
-
-class _VLLMTemplater:
-    """Renders with the server's own chat template: `/tokenize` with messages, then `/detokenize`."""
-
-    def __init__(self, engine: VLLMEngine):
-        self.engine = engine
-
-    def apply_chat_template(self, messages, chat_template=None, tokenize=False, add_generation_prompt=True):
-        body = {"model": self.engine.served_model, "messages": messages,
-                "add_generation_prompt": add_generation_prompt, "add_special_tokens": False}
-        if chat_template:
-            body["chat_template"] = chat_template
-        ids = self.engine.http.post("/tokenize", body).get("tokens") or []
-        return self.engine._server_detokenize(ids)
-
-
-class SGLangEngine(OpenAIServerEngine):
-    """SGLang, through its native /generate (it reports every alternative's id)."""
-
-    backend = "sglang"
-    stream_path = "/generate"
-
-    def _server_detokenize(self, ids: list[int]) -> str:
-        out = self.http.post("/detokenize", {"model": self.served_model, "tokens": ids, "skip_special_tokens": False})
-        return out.get("text", "")
-
-    def _sampling_params(self, sampling: SamplingConfig, seed: int, n: int) -> dict:
-        """Every field of SGLang's SamplingParams that changes what is sampled."""
-        return {
-            "max_new_tokens": n, "min_new_tokens": 0, "temperature": sampling.temperature,
-            "top_p": 1.0 if sampling.greedy else sampling.top_p,
-            "top_k": -1 if sampling.greedy or not sampling.top_k else sampling.top_k, "min_p": 0.0,
-            "repetition_penalty": sampling.repetition_penalty, "frequency_penalty": 0.0, "presence_penalty": 0.0,
-            "stop": [], "stop_token_ids": sorted(self.eos_token_ids), "ignore_eos": False,
-            "skip_special_tokens": False, "spaces_between_special_tokens": False, "no_stop_trim": True,
-            "n": 1, "sampling_seed": seed,
-        }
-
-    def _body(self, ids, sampling, seed, n, k, stream) -> dict:
-        return {"input_ids": list(ids), "sampling_params": self._sampling_params(sampling, seed, n),
-                "return_logprob": True, "top_logprobs_num": k, "logprob_start_len": -1,
-                "return_text_in_logprobs": True, "stream": stream}
-
-    def stream_request(self, slot, ids, sampling, seed, n) -> dict:
-        return self._body(ids, sampling, seed, n, self.top_k_logprobs, True)
-
-    def evaluate(self, slot: int, ids: list[int], k: int) -> Evaluated:
-        body = self._body(ids, SamplingConfig(), 0, 1, k, False)
-        body["sampling_params"]["ignore_eos"] = True
-        out = self._post_evaluation("/generate", body)
-        if isinstance(out, list):
-            out = out[0]
-        tokens = _sglang_new_tokens(out, {"seen": 0, "text": ""})
-        if isinstance(tokens, str):
-            raise ServerError(tokens)
-        if not tokens:
-            raise ServerError(f"the server returned no token for a one-token request: {str(out)[:200]}")
-        return Evaluated(tokens[0].id, tokens[0].top, (out.get("meta_info") or {}).get("cached_tokens"))
-
-    def _chunks(self, event: dict, state: dict) -> list[dict]:
-        tokens = _sglang_new_tokens(event, state)
-        if isinstance(tokens, str):
-            return [{"error": tokens}]
-        out = [{"token": t} for t in tokens]
-        if tokens:
-            state["last"] = tokens[-1]
-        meta = event.get("meta_info") or {}
-        fr = meta.get("finish_reason")
-        if fr:
-            kind = fr.get("type") if isinstance(fr, dict) else str(fr)
-            matched = fr.get("matched") if isinstance(fr, dict) else None
-            out += self._end(kind, matched, state.get("last"), meta.get("cached_tokens"))
-        return out
-
-
-def _sglang_new_tokens(event: dict, state: dict):
-    """The tokens `event` adds to what `state` saw (a list), or an error message (a str).
-    Works whether the server streams cumulative outputs (its default) or deltas."""
-    if "error" in event or event.get("object") == "error":
-        return f"the server reported an error: {_error_text(event)}"
-    meta = event.get("meta_info")
-    ids = event.get("output_ids")
-    if not isinstance(meta, dict) or not isinstance(ids, list):
-        return f"unreadable output from the server: {str(event)[:200]}"
-    done = meta.get("completion_tokens", len(ids))
-    seen = state["seen"]
-    new = ids[seen:] if len(ids) == done and done >= seen else ids  # cumulative, else a delta
-    n = len(new)
-    lps = (meta.get("output_token_logprobs") or [])[-n:] if n else []
-    tops = (meta.get("output_top_logprobs") or [])[-n:] if n else []
-    text = event.get("text") or ""
-    prev = state["text"]
-    piece = text[len(prev):] if text.startswith(prev) else text
-    state["text"] = text if text.startswith(prev) else prev + text
-    state["seen"] = seen + n
-    tokens = []
-    for i, tid in enumerate(new):
-        lp = lps[i][0] if i < len(lps) and lps[i] else None
-        top = tuple(sorted(((int(a[1]), a[2] if len(a) > 2 and a[2] is not None else "", float(a[0]))
-                            for a in (tops[i] if i < len(tops) and tops[i] else ())), key=lambda a: -a[2]))
-        tokens.append(Token(int(tid), piece if i == n - 1 else "", lp, top))
-    return tokens
-
-
-DIALECTS = {"vllm": VLLMEngine, "sglang": SGLangEngine}
-
-
 def connect(url: str, kind: str, *, max_context=None, max_sessions=None, chat_template=None,
             api_key: str | None = None, timeout: float = 60.0, tokenizer: str | None = None) -> OpenAIServerEngine:
     """An engine over the vLLM or SGLang server at `url` (engines.serving.connect calls this)."""
-    if kind not in DIALECTS:
-        raise InvalidArgument(f"unknown server kind {kind!r}; one of {', '.join(DIALECTS)}")
-    return DIALECTS[kind](url, max_context=max_context, max_sessions=max_sessions, chat_template=chat_template,
-                          api_key=api_key, timeout=timeout, tokenizer=tokenizer)
+    if kind == "vllm":
+        from .vllm_dialect import VLLMEngine as cls
+    elif kind == "sglang":
+        from .sglang_dialect import SGLangEngine as cls
+    else:
+        raise InvalidArgument(f"unknown server kind {kind!r}; one of vllm, sglang")
+    return cls(url, max_context=max_context, max_sessions=max_sessions, chat_template=chat_template,
+               api_key=api_key, timeout=timeout, tokenizer=tokenizer)

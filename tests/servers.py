@@ -295,7 +295,7 @@ if __name__ == "__main__":
 
 class StubOpenAIServer:
     """Answers as vLLM or SGLang do, with the request and response shapes of their
-    sources (engines/openai_server.py cites them), over real HTTP on 127.0.0.1.
+    sources (engines/vllm_dialect.py and sglang_dialect.py cite them), over real HTTP.
 
     Its "model" is arithmetic, so tests have an oracle: `next_top(tape)` is the
     distribution after a tape; greedy takes its first entry and a seeded sample
@@ -524,6 +524,7 @@ class StubOpenAIServer:
                 last = i >= len(out) - 1
                 items = out[i:i + 1] if self.incremental else out[: i + 1]
                 text = self.decode(t for t, _ in items if t != self.EOS)
-                yield {"text": text, "output_ids": [t for t, _ in items], "meta_info": meta(items, i + 1, fr if last else None)}
+                yield {"text": text, "output_ids": [t for t, _ in items],
+                       "meta_info": meta(items, i + 1, fr if last else None)}
 
         self._sse(h, events())

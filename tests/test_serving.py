@@ -11,8 +11,9 @@ a hang, or a lost user message.
 
 vLLM and SGLang were NOT run here. Their dialects are checked against the
 request and response shapes of their own sources (cited in
-engines/openai_server.py), replayed over HTTP by `tests.servers.StubOpenAIServer`,
-including the shared contract suite on the stub's arithmetic "model".
+engines/vllm_dialect.py and engines/sglang_dialect.py), replayed over HTTP by
+`tests.servers.StubOpenAIServer`, including the shared contract suite on the
+stub's arithmetic "model".
 """
 
 from __future__ import annotations
@@ -62,9 +63,11 @@ def say(conv, text, n=6, sampling=GREEDY):
 CONVERSATION = [
     "test_session_tokens_match_the_full_render_after_every_action", "test_each_turn_prefills_only_what_is_new",
     "test_regenerate_reuses_up_to_the_reply_and_greedy_reproduces_it",
-    "test_continue_after_a_stop_equals_the_uninterrupted_reply", "test_stop_from_another_thread_keeps_the_partial_reply",
+    "test_continue_after_a_stop_equals_the_uninterrupted_reply",
+    "test_stop_from_another_thread_keeps_the_partial_reply",
     "test_rewind_then_greedy_continue_equals_a_fresh_session_from_that_prefix", "test_step_decodes_exactly_one_token",
-    "test_export_import_restores_the_kv_and_the_next_reply", "test_a_reply_that_reaches_the_limit_ends_with_context_full",
+    "test_export_import_restores_the_kv_and_the_next_reply",
+    "test_a_reply_that_reaches_the_limit_ends_with_context_full",
     "test_a_failed_forward_is_recovered_from_the_transcript", "test_stats_report_timing_and_spans_cover_the_session",
 ]
 for _name in CONVERSATION[2:]:
@@ -79,11 +82,12 @@ def test_session_tokens_match_the_full_render_after_every_action(smol, name):
 def test_each_turn_prefills_only_what_is_new(smol):
     conversation_suite.test_each_turn_prefills_only_what_is_new(smol, "own")
 
+
 # The UI suite's app, over the shared llama-server; these drive every control.
 app, fresh_tabs = ui_suite.app, ui_suite.fresh_tabs
-UI = ["test_streaming_grows_and_panel_matches_server", "test_regenerate_reuses_the_prefix", "test_edit_replaces_turn_and_prefills_from_it",
-      "test_rewind_then_continue_and_step", "test_undo_and_reset", "test_export_import_roundtrip",
-      "test_two_clients_are_isolated_and_never_block_each_other"]
+UI = ["test_streaming_grows_and_panel_matches_server", "test_regenerate_reuses_the_prefix",
+      "test_edit_replaces_turn_and_prefills_from_it", "test_rewind_then_continue_and_step", "test_undo_and_reset",
+      "test_export_import_roundtrip", "test_two_clients_are_isolated_and_never_block_each_other"]
 for _name in UI:
     globals()[f"test_ui_{_name[5:]}"] = getattr(ui_suite, _name)
 
@@ -169,10 +173,10 @@ def test_a_missing_api_key_then_a_server_killed_mid_stream_and_restarted(victim)
     # A restart between two actions is invisible to the client but not free: the
     # server reports how much of the resent tape it had cached.
     say(conv, "Thanks.")
-    assert conv.last_stats.reused > 0 and conv.session.last_cached > 0
+    assert conv.last_stats.reused > 0 and conv.last_stats.server_cached >= conv.last_stats.reused - 1
     victim.restart()
     say(conv, "And now?")
-    assert conv.last_stats.reused > 0 and conv.session.last_cached == 0
+    assert conv.last_stats.reused > 0 and conv.last_stats.server_cached == 0
     conversation_suite.assert_fidelity(engine, conv)
 
 
@@ -308,7 +312,7 @@ def test_the_ui_says_what_went_wrong_and_keeps_the_message(proxied):
         assert "the timeout" in out[2], out[2]
         assert out[1] == ui_suite.UNCHANGED  # the box keeps "Name a planet.", to send again
         out = c.predict({"text": "Name a planet.", "files": []}, api_name="/send", **kw)
-        assert reply_text(out[0]) and "reused" in stats_text(out[3])
+        assert reply_text(out[0]) and re.search(r"reused \d+ .* server cache \d+", stats_text(out[3])), out[3]
 
 
 # --------------------------------------------------------------------------- engines.check and the benchmark
