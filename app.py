@@ -82,8 +82,11 @@ def build(args: argparse.Namespace):
 
     def load():
         try:
-            extra = {"api_key": os.environ["PLAYGROUND_API_KEY"]} if (
-                args.model.startswith(("http://", "https://")) and os.environ.get("PLAYGROUND_API_KEY")) else {}
+            extra = {}
+            if args.model.startswith(("http://", "https://")):  # serving-engine options (docs/scale-out.md)
+                options = (("api_key", "PLAYGROUND_API_KEY", str), ("timeout", "PLAYGROUND_SERVER_TIMEOUT", float),
+                           ("tokenizer", "PLAYGROUND_TOKENIZER", str))
+                extra = {key: kind(os.environ[name]) for key, name, kind in options if os.environ.get(name)}
             loaded["engine"] = load_engine(args.model, device=args.device, dtype=args.dtype,
                                            max_context=args.max_context, backend=args.backend,
                                            max_sessions=args.max_sessions, compile=args.compile, **extra)

@@ -84,6 +84,7 @@ class Stats:
     replies: int = 1  # a compare: how many replies shared the prefill
     extra_prefilled: int = 0  # a compare on an engine that cannot fork: tokens prefilled again
     finish_reasons: tuple = ()  # a compare: each reply's finish reason
+    server_cached: int | None = None  # a prefill's prompt tokens the server found in its own cache (if it says)
 
 
 class Conversation:
@@ -561,10 +562,12 @@ class Conversation:
         else:
             session.seek(plan.keep)
             del self._keys[plan.keep:]
+        cached = None
         if plan.prefill:
             session.prefill(_slice_inputs(pieces, plan.keep))
             self._keys.extend(keys[plan.keep:])
-        return Stats(plan.keep, plan.prefill, plan.fallback or rebuilt)
+            cached = getattr(session, "last_cached", None)  # a server restart shows here: reused, yet not cached
+        return Stats(plan.keep, plan.prefill, plan.fallback or rebuilt, server_cached=cached)
 
     def _target(self, before: list[Turn], reply: Turn | None) -> list[MultimodalInput]:
         """What should be resident: `before` rendered (with a generation prompt when a

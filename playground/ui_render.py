@@ -121,6 +121,9 @@ def stats_line(stats, running: bool = False) -> str:
     bits = [f"reused {stats.reused} · prefilled {stats.prefilled}"]
     if getattr(stats, "fallback", False):
         bits.append("fallback: full prefill")
+    cached = getattr(stats, "server_cached", None)
+    if cached is not None:
+        bits.append(f"server cache {cached}")
     ttft = getattr(stats, "ttft_s", None)
     if ttft is not None:
         bits.append(f"TTFT {ttft:.2f} s")
