@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -81,7 +82,8 @@ class Transcript:
 
     `language` is the code used (given, or detected with `language_probability`);
     `duration_s` is how much audio was transcribed, and `cut_from_s` the clip's full
-    length when it was longer than the limit (else None). `elapsed_s` is the call's
+    length when it was longer than the limit (else None; inf when a compressed file's
+    header did not say how long it is). `elapsed_s` is the call's
     wall time, reading the audio included and loading the model (first use) not.
     """
 
@@ -195,12 +197,14 @@ def _whisper_class():
 # --------------------------------------------------------------------------- audio in
 
 
-def read_audio(audio, sample_rate: int | None = None) -> np.ndarray:
-    """A mono float32 waveform at 16 kHz.
+def read_audio(audio, sample_rate: int | None = None, max_seconds: float = math.inf) -> tuple[np.ndarray, float]:
+    """A mono float32 waveform at 16 kHz, at most `max_seconds` long, and the input's full length in
+    seconds (inf when a compressed file runs past the limit and its header gives no length).
 
-    `audio`: a path or encoded bytes (wav, flac, ogg, mp3 through soundfile; m4a,
-    webm and the rest through PyAV), or a numpy waveform, 1-D or (channels,
-    samples), with its `sample_rate` (integer samples are scaled to [-1, 1]).
+    `audio`: a path or encoded bytes (wav, flac, ogg, mp3 through soundfile; m4a, webm and the
+    rest through PyAV), or a numpy waveform, 1-D or (channels, samples), with its `sample_rate`
+    (integer samples are scaled to [-1, 1]). Files are decoded only up to the limit: a small
+    compressed file can hold hours of sound.
     """
     import soxr
 
@@ -208,7 +212,7 @@ def read_audio(audio, sample_rate: int | None = None) -> np.ndarray:
         name = "the sound" if isinstance(audio, bytes) else os.path.basename(os.fspath(audio))
         if not isinstance(audio, bytes) and not os.path.isfile(audio):
             raise UnreadableAudio(f"{name} was not found; record or attach it again.")
-        wave, rate = _decode(audio, name)
+        wave, rate, full = _decode(audio, name, max_seconds)
     elif isinstance(audio, np.ndarray):
         if not np.issubdtype(audio.dtype, np.number) or audio.ndim not in (1, 2):
             raise InvalidArgument(f"a waveform must be a 1-D or (channels, samples) numeric array, "
@@ -216,12 +220,13 @@ def read_audio(audio, sample_rate: int | None = None) -> np.ndarray:
         if sample_rate is None or isinstance(sample_rate, bool) or not isinstance(sample_rate, int) \
                 or sample_rate <= 0:
             raise InvalidArgument(f"a waveform needs a positive int sample_rate, got {sample_rate!r}")
+        full, rate = audio.shape[-1] / sample_rate, sample_rate
+        audio = audio[..., : _frames(max_seconds, rate)]
         wave = audio.astype(np.float32)
         if np.issubdtype(audio.dtype, np.integer):
             wave /= float(np.iinfo(audio.dtype).max) + 1.0
         if wave.ndim == 2:
             wave = wave.mean(axis=0)
-        rate = sample_rate
     else:
         raise InvalidArgument(f"audio must be a path, bytes or a numpy waveform, got {type(audio).__name__}")
     if wave.size == 0:
@@ -230,28 +235,65 @@ def read_audio(audio, sample_rate: int | None = None) -> np.ndarray:
         raise UnreadableAudio("The sound holds invalid (NaN or infinite) samples.")
     if rate != SAMPLE_RATE:
         wave = soxr.resample(wave, rate, SAMPLE_RATE)
-    return np.ascontiguousarray(wave, dtype=np.float32)
+    return np.ascontiguousarray(wave, dtype=np.float32), full
 
 
-def _decode(src, name: str) -> tuple[np.ndarray, int]:
+def _frames(seconds: float, rate: int) -> int | None:
+    return None if math.isinf(seconds) else int(seconds * rate)
+
+
+def _decode(src, name: str, max_seconds: float) -> tuple[np.ndarray, int, float]:
     """soundfile first (fast, and what the microphone's wav needs), then PyAV for the formats
-    libsndfile lacks (m4a, webm)."""
+    libsndfile lacks (m4a, webm). Returns (mono wave, its rate, the full length in seconds)."""
     import soundfile as sf
 
+    from .media import media_limits
+
     try:
-        data, rate = sf.read(io.BytesIO(src) if isinstance(src, bytes) else src, dtype="float32", always_2d=True)
-        return data.mean(axis=1), rate
+        with sf.SoundFile(io.BytesIO(src) if isinstance(src, bytes) else src) as f:
+            lim = media_limits()
+            if not (lim.min_sample_rate <= f.samplerate <= lim.max_sample_rate) \
+                    or not 1 <= f.channels <= lim.max_audio_channels:
+                raise UnreadableAudio(f"{name} has {f.channels} channels at {f.samplerate} Hz; a recording has "
+                                      f"1 to {lim.max_audio_channels} channels at {lim.min_sample_rate} to "
+                                      f"{lim.max_sample_rate} Hz.")
+            n = f.frames if _frames(max_seconds, f.samplerate) is None else min(f.frames, _frames(max_seconds,
+                                                                                                f.samplerate))
+            data = f.read(n, dtype="float32", always_2d=True)
+            return data.mean(axis=1), f.samplerate, f.frames / f.samplerate
+    except UnreadableAudio:
+        raise
     except Exception as first:  # noqa: BLE001 - any failure: try the other decoder
         try:
-            from faster_whisper.audio import decode_audio
-
-            return decode_audio(io.BytesIO(src) if isinstance(src, bytes) else os.fspath(src),
-                                sampling_rate=SAMPLE_RATE), SAMPLE_RATE
+            return _decode_av(src, max_seconds)
         except Exception:  # noqa: BLE001
             why = str(first).splitlines()[0] if str(first) else type(first).__name__
             why = re.sub(r"^Error opening .*?: ", "", why)  # libsndfile repeats the (temp) path
             raise UnreadableAudio(f"{name} is not a readable sound file ({why}); "
                                   "record or attach it again.") from None
+
+
+def _decode_av(src, max_seconds: float) -> tuple[np.ndarray, int, float]:
+    """PyAV, stopping at the limit (faster-whisper's `decode_audio` decodes the whole file)."""
+    import av
+
+    limit = _frames(max_seconds, SAMPLE_RATE)
+    chunks, n = [], 0
+    with av.open(io.BytesIO(src) if isinstance(src, bytes) else os.fspath(src), metadata_errors="ignore") as c:
+        stream = c.streams.audio[0]
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        for frame in c.decode(stream):
+            for out in resampler.resample(frame):
+                chunks.append(out.to_ndarray().reshape(-1))
+                n += chunks[-1].size
+            if limit is not None and n > limit:
+                full = float(stream.duration * stream.time_base) if stream.duration else \
+                    (c.duration / av.time_base if c.duration else math.inf)
+                return np.concatenate(chunks)[:limit], SAMPLE_RATE, max(full, limit / SAMPLE_RATE)
+        for out in resampler.resample(None):  # what the resampler still holds
+            chunks.append(out.to_ndarray().reshape(-1))
+    wave = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    return wave, SAMPLE_RATE, wave.size / SAMPLE_RATE
 
 
 # --------------------------------------------------------------------------- the transcriber
@@ -356,21 +398,20 @@ class Transcriber:
     def transcribe_full(self, audio, sample_rate: int | None = None, language: str | None = None) -> Transcript:
         """`transcribe`, with the segments' times, the language and how long it took."""
         t0 = time.perf_counter()
-        wave = read_audio(audio, sample_rate)
-        full = wave.size / SAMPLE_RATE
+        wave, full = read_audio(audio, sample_rate, self.max_seconds)
         # 1. Refuse what cannot hold words, before spending seconds on Whisper.
         if full < MIN_SECONDS:
             raise NoSpeech(f"The recording is {full:.1f} s long, too short to hold words: "
                            f"record at least {MIN_SECONDS:g} s.")
         cut = full > self.max_seconds
-        if cut:
-            wave = wave[: int(self.max_seconds * SAMPLE_RATE)]
+        heard = wave.size / SAMPLE_RATE
+        where = f"the first {heard:.1f} s of the recording" if cut else f"the {heard:.1f} s recording"
         t_load = time.perf_counter()
         model = self.model
         t0 += time.perf_counter() - t_load  # a first call's loading is not transcription
         language = self._check_language(model, language)
         if not self._speech_in(wave):
-            raise NoSpeech(f"No speech was heard in the {full:.1f} s recording (silence or noise): "
+            raise NoSpeech(f"No speech was heard in {where} (silence or noise): "
                            "speak closer to the microphone and record again.")
         # 2. Whisper, with one encoder pass for the first window even when it detects the language.
         model.forget()
@@ -381,10 +422,10 @@ class Transcriber:
             model.forget()
         text = " ".join(s.text for s in segments if s.text).strip()
         if not re.search(r"\w", text):
-            raise NoSpeech(f"Whisper heard sound in the {full:.1f} s recording but could not make out words: "
+            raise NoSpeech(f"Whisper heard sound in {where} but could not make out words: "
                            "speak clearly and record again.")
         return Transcript(text, segments, info.language, float(info.language_probability), language is None,
-                          wave.size / SAMPLE_RATE, full if cut else None, time.perf_counter() - t0)
+                          heard, full if cut else None, time.perf_counter() - t0)
 
     @staticmethod
     def _check_language(model, language):

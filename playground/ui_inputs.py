@@ -128,8 +128,8 @@ def speech_to_text(parts, transcriber, language=None) -> tuple[list[MultimodalIn
         note = (f"🎤 Transcribed {heard.duration_s:.1f} s of audio ({lang}{', detected' if heard.detected else ''}) "
                 f"in {heard.elapsed_s:.1f} s.")
         if heard.cut_from_s is not None:
-            note += (f" The recording is {heard.cut_from_s:.1f} s long: only its first {heard.duration_s:g} s "
-                     "were transcribed (the limit).")
+            length = "longer" if math.isinf(heard.cut_from_s) else f"{heard.cut_from_s:.1f} s long"
+            note += f" The recording is {length}: only its first {heard.duration_s:g} s were transcribed (the limit)."
         notes.append(note)
     return out, " ".join(notes)
 

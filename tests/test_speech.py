@@ -95,14 +95,29 @@ def test_without_wheels_or_hub_the_message_says_what_to_install(monkeypatch):
     assert Transcriber()._source() == "base"
 
 
-def test_read_audio_mixes_scales_and_resamples(tmp_path):
+def test_read_audio_mixes_scales_resamples_and_stops_at_the_limit(tmp_path):
     t = np.arange(44100) / 44100
     left = (0.5 * np.sin(2 * np.pi * 440 * t) * 32767).astype(np.int16)
-    wave = read_audio(np.stack([left, left]), sample_rate=44100)  # int16 stereo, as gr.Audio gives
-    assert wave.dtype == np.float32 and wave.shape == (SAMPLE_RATE,)
+    wave, full = read_audio(np.stack([left, left]), sample_rate=44100)  # int16 stereo, as gr.Audio gives
+    assert wave.dtype == np.float32 and wave.shape == (SAMPLE_RATE,) and full == 1.0
     assert 0.45 < np.abs(wave).max() <= 0.51
-    from_file = read_audio(write(tmp_path / "a.wav", left / 32768, 44100))
+    from_file, _ = read_audio(write(tmp_path / "a.wav", left / 32768, 44100))
     assert np.abs(from_file - wave).max() < 1e-3  # the file path gives the same waveform
+    cut, full = read_audio(write(tmp_path / "a.wav", np.tile(left, 3) / 32768, 44100), max_seconds=0.5)
+    assert cut.shape == (SAMPLE_RATE // 2,) and full == pytest.approx(3.0)
+    # A browser's webm/Opus goes through PyAV, which also stops decoding at the limit.
+    av = pytest.importorskip("av")  # faster-whisper's dependency
+    webm = tmp_path / "rec.webm"
+    with av.open(str(webm), "w", format="webm") as c:
+        stream = c.add_stream("libopus", rate=48000)
+        frame = av.AudioFrame.from_ndarray((0.3 * np.sin(np.arange(144000) / 7)).astype(np.float32)[None],
+                                           format="fltp", layout="mono")
+        frame.sample_rate = 48000
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            c.mux(packet)
+    cut, full = read_audio(str(webm), max_seconds=1.0)
+    assert cut.shape == (SAMPLE_RATE,) and full == pytest.approx(3.0, abs=0.05)
+    assert read_audio(str(webm))[0].shape[0] == pytest.approx(3 * SAMPLE_RATE, abs=400)
     with pytest.raises(InvalidArgument, match="sample_rate"):
         read_audio(np.zeros(100, np.float32))
     with pytest.raises(UnreadableAudio, match="empty"):
@@ -176,6 +191,7 @@ def test_silence_noise_short_and_corrupt_clips_get_clear_messages(transcriber, t
         assert time.perf_counter() - t0 < 1.0, name
     with pytest.raises(InvalidArgument, match="not one Whisper knows"):
         transcriber.transcribe(cases["noise"][0], language="klingon")
+    assert [transcriber._check_language(transcriber.model, x) for x in ("French", " DE ", "auto")] == ["fr", "de", None]
 
 
 # --------------------------------------------------------------------------- recordings become text parts
