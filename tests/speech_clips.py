@@ -4,8 +4,9 @@ Used by tests/test_speech.py, benchmarks/speech.py and notebooks/05_speech.ipynb
 
 The voice is espeak-ng's US English with its "klatt4" variant at 130 words a
 minute. Whisper-base heard the plain en-us voice's "What is the capital of
-France?" as "... capital and friends?" (and "... on France?" at other speeds);
-the klatt4 variant came back word for word at 110, 130 and 150 wpm.
+France?" at 130 and 150 wpm as "... capital and friends?" (other voices: "...
+capital on France?"); the klatt4 variant came back word for word at 110, 130
+and 150 wpm.
 """
 
 from __future__ import annotations
