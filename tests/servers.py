@@ -12,9 +12,11 @@ Nothing here mocks a response: every token comes from the model.
 from __future__ import annotations
 
 import argparse
+import atexit
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -57,7 +59,10 @@ class LlamaServerProcess:
         self.port = port or free_port()
         self.slots, self.ctx_per_slot, self.threads = slots, ctx_per_slot, threads or os.cpu_count() or 2
         # Slot files (tests measure a slot's KV by saving it) go to a directory of our own.
-        self.slot_save_path = slot_save_path or tempfile.mkdtemp(prefix="llama-server-slots-")
+        if slot_save_path is None:
+            slot_save_path = tempfile.mkdtemp(prefix="llama-server-slots-")
+            atexit.register(shutil.rmtree, slot_save_path, True)
+        self.slot_save_path = slot_save_path
         self.api_key = api_key
         self.proc: subprocess.Popen | None = None
         self.start()
