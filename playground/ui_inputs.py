@@ -129,7 +129,7 @@ def speech_to_text(parts, transcriber, language=None) -> tuple[list[MultimodalIn
                 f"in {heard.elapsed_s:.1f} s.")
         if heard.cut_from_s is not None:
             length = "longer" if math.isinf(heard.cut_from_s) else f"{heard.cut_from_s:.1f} s long"
-            note += f" The recording is {length}: only its first {heard.duration_s:g} s were transcribed (the limit)."
+            note += f" The recording is {length}: only its first {heard.duration_s:.1f} s were transcribed (the limit)."
         notes.append(note)
     return out, " ".join(notes)
 
