@@ -153,8 +153,10 @@ def test_a_missing_api_key_then_a_server_killed_mid_stream_and_restarted(victim)
             pass
     assert time.perf_counter() - t0 < 10
     user, partial = conv.turns[-2], conv.turns[-1]
-    assert user.text == "Tell me a long story about the sea." and partial.token_ids
-    assert conv.session.tokens[-len(partial.token_ids):] == partial.token_ids
+    got = list(partial.token_ids)
+    assert user.text == "Tell me a long story about the sea." and got
+    assert conv.session.tokens[-len(got):] == got
+    prompt = conv.session.tokens[:-len(got)]
 
     # 2. While it is down, the next action fails clearly and changes nothing.
     with pytest.raises(EngineError, match="cannot reach the server"):
@@ -164,11 +166,14 @@ def test_a_missing_api_key_then_a_server_killed_mid_stream_and_restarted(victim)
     # 3. Restarted, its cache empty: the next action rebuilds from the transcript, and
     #    the stats say so (everything prefilled, nothing found in the server's cache).
     victim.start()
+    with engine.create_session() as ref:  # every id received before the crash is the model's own
+        ref.prefill([MI.tokens(prompt)])
+        assert greedy_ids(ref, len(got)) == got
     "".join(conv.regenerate(GREEDY, 6))
     stats = conv.last_stats
     assert stats.fallback and stats.reused == 0 and stats.prefilled == len(conv.session.tokens) - len(
         conv.turns[-1].token_ids)
-    assert conv.session.last_cached == 0
+    assert stats.server_cached == 0  # its slot came back empty
     assert [(t.role, t.text, list(t.token_ids or [])) for t in conv.turns[:2]] == first
     conversation_suite.assert_fidelity(engine, conv)
     # A restart between two actions is invisible to the client but not free: the
