@@ -6,7 +6,7 @@ process) in a process of its own, so a test can kill it mid-stream and start
 a fresh one on the same port, exactly as a real deployment would restart.
 Nothing here mocks a response: every token comes from the model.
 
-    python -m tests.servers --port 8080 [--gguf PATH] [--slots 4] [--ctx 4096]
+    python -m tests.servers --port 8080 [--host 0.0.0.0] [--gguf PATH] [--slots 4] [--ctx 4096] [--api-key K]
 """
 
 from __future__ import annotations
@@ -73,7 +73,8 @@ class LlamaServerProcess:
 
     def start(self, timeout: float = 120.0) -> None:
         args = [sys.executable, "-m", "tests.servers", "--gguf", self.gguf, "--port", str(self.port),
-                "--slots", str(self.slots), "--ctx", str(self.ctx_per_slot), "--threads", str(self.threads)]
+                "--slots", str(self.slots), "--ctx", str(self.ctx_per_slot), "--threads", str(self.threads),
+                "--until-stdin-closes"]
         if self.slot_save_path:
             args += ["--slot-save-path", self.slot_save_path]
         if self.api_key:
@@ -261,27 +262,35 @@ def _serve(args) -> None:
     p.warmup = False
     p.cpuparams.n_threads = args.threads
     p.cpuparams_batch.n_threads = args.threads
-    p.hostnames = ["127.0.0.1"]
+    p.hostnames = [args.host]
     p.port = args.port
     if args.slot_save_path:
         p.slot_save_path = args.slot_save_path.rstrip("/") + "/"
     if args.api_key:
         p.api_keys = [args.api_key]
-    server = xllamacpp.Server(p)  # noqa: F841 - serves until this process ends
+    server = xllamacpp.Server(p)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    sys.stdin.read()  # the parent closed our stdin (or died): stop
+    print(f"llama-server (xllamacpp) on {server.listening_address}, {args.slots} slots of {args.ctx} tokens",
+          file=sys.stderr, flush=True)
+    if args.until_stdin_closes:
+        sys.stdin.read()  # the parent closed our stdin (or died): stop
+    else:
+        while True:
+            signal.pause()
     os._exit(0)
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gguf", default=None)
+    ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8080)
     ap.add_argument("--slots", type=int, default=4)
     ap.add_argument("--ctx", type=int, default=4096, help="context per slot")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--slot-save-path", default=None)
     ap.add_argument("--api-key", default=None)
+    ap.add_argument("--until-stdin-closes", action="store_true", help="exit when stdin closes (a parent's pipe)")
     args = ap.parse_args(argv)
     if args.gguf is None:
         sys.path.insert(0, str(ROOT))
