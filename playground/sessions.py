@@ -16,6 +16,7 @@ and kept even before the tab has a conversation:
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 import time
@@ -112,6 +113,29 @@ def check_prompt(engine, parts, max_tokens: int | None) -> int | None:
     return n
 
 
+def release_memory() -> bool:
+    """Hand heap pages glibc keeps for reuse back to the system (`malloc_trim(0)`).
+
+    Freed sessions' memory is free but stays resident: after 6 tabs of SmolLM2 on the
+    transformers backend RSS stayed 90-140 MiB over its start until trimmed, while the
+    trimmed figure was flat from cycle to cycle (benchmarks/soak.py, docs/reliability.md).
+    Returns whether there was a glibc to ask. ctypes lets go of the GIL meanwhile."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL("libc.so.6")
+            _libc.malloc_trim  # noqa: B018 - musl and macOS have none
+        except (OSError, AttributeError):
+            _libc = False
+    if not _libc:
+        return False
+    _libc.malloc_trim(0)
+    return True
+
+
+_libc = None
+
+
 def close_conversation(conv) -> None:
     """Free a conversation's engine session (its capacity slot)."""
     close = getattr(conv, "close", None)
@@ -141,6 +165,10 @@ class SessionManager:
         self.idle_timeout_s = idle_timeout_s
         self.rate_limit = rate_limit or RateLimit(0)
         self.stop_grace_s = STOP_GRACE_S
+        # Called with a key after its tab was freed or went away: the UI drops what its framework
+        # keeps per tab.
+        self.on_close: Callable[[str], None] | None = None
+        self._freed = False  # a tab was freed since the reaper last released memory
         self._tabs: dict[str, Tab] = {}
         self._lock = threading.Lock()  # guards the three dicts
         self._stops: dict[str, float] = {}  # key -> pre-empts actions asked for up to then (time.monotonic())
@@ -255,10 +283,12 @@ class SessionManager:
     # ------------------------------------------------------------------ freeing
 
     def close(self, key: str) -> bool:
-        """Free `key`'s conversation (tab closed). A running stream is stopped first."""
+        """Free `key`'s conversation (tab closed). A running stream is stopped first.
+        `on_close` runs either way: a tab that held no conversation has framework state too."""
         with self._lock:
             tab = self._tabs.pop(key, None)
         if tab is None:
+            self._closed_hook(key)
             return False
         try:
             tab.conv.stop()
@@ -268,7 +298,16 @@ class SessionManager:
         if tab.lock.acquire(timeout=5):
             tab.lock.release()
         close_conversation(tab.conv)
+        self._freed = True
+        self._closed_hook(key)
         return True
+
+    def _closed_hook(self, key: str) -> None:
+        if self.on_close is not None:
+            try:
+                self.on_close(key)
+            except Exception:  # noqa: BLE001 - freeing must not fail on a hook
+                log.exception("on_close hook failed")
 
     def sweep(self, now: float | None = None) -> list[str]:
         """Free tabs idle longer than the timeout; returns their keys."""
@@ -287,6 +326,9 @@ class SessionManager:
             while not self._stop_reaper.wait(every_s):
                 try:
                     self.sweep()
+                    if self._freed:  # tabs went away: give their memory back to the system
+                        self._freed = False
+                        release_memory()
                 except Exception:  # a failed sweep must not end the reaper: slots would leak
                     log.exception("idle sweep failed")
 
