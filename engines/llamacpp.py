@@ -79,7 +79,9 @@ class LlamaCppEngine(LlamaServerEngine):
         p.slot_save_path = self._slot_dir + "/"
         p.endpoint_slots = True
         p.verbosity = -1
-        threads = n_threads or os.cpu_count() or 2
+        # $PLAYGROUND_THREADS: llama.cpp's threads spin at each step's barrier, and on a
+        # 2-core machine shared with other work 2 threads ran 5-10x slower than 1.
+        threads = n_threads or int(os.environ.get("PLAYGROUND_THREADS") or 0) or os.cpu_count() or 2
         p.cpuparams.n_threads = threads
         p.cpuparams_batch.n_threads = threads
         p.warmup = False

@@ -12,6 +12,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download at test time
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# One llama.cpp compute thread: the tests measure behaviour, and the test process's own
+# threads (Gradio, clients, streams) share the 2 cores; 2 spinning threads ran 5-10x slower.
+os.environ.setdefault("PLAYGROUND_THREADS", "1")
 
 from tests.cases import CASES, default_engine  # noqa: E402
 
