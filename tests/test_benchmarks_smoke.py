@@ -22,6 +22,7 @@ def positive(x) -> bool:
     return isinstance(x, (int, float)) and x > 0
 
 
+@pytest.mark.bench  # runs every section of the transformers suite; CI keeps tests/test_benchmarks_backends.py
 def test_quick_benchmarks_report_every_section(tmp_path):
     out = tmp_path / "results.json"
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
