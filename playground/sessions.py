@@ -116,9 +116,9 @@ def check_prompt(engine, parts, max_tokens: int | None) -> int | None:
 def release_memory() -> bool:
     """Hand heap pages glibc keeps for reuse back to the system (`malloc_trim(0)`).
 
-    Freed sessions' memory is free but stays resident: after 6 tabs of SmolLM2 on the
-    transformers backend RSS stayed 90-140 MiB over its start until trimmed, while the
-    trimmed figure was flat from cycle to cycle (benchmarks/soak.py, docs/reliability.md).
+    Freed sessions' memory is free but stays resident: with 6 tabs of SmolLM2 on the
+    transformers backend gone, RSS stayed 120-170 MiB over its start, and trimming gave
+    50-90 MiB of it back (benchmarks/soak.py, docs/reliability.md).
     Returns whether there was a glibc to ask. ctypes lets go of the GIL meanwhile."""
     global _libc
     if _libc is None:
