@@ -1087,3 +1087,30 @@ def test_rate_limit_and_prompt_limit(engines_):
             assert re.search(match, out[2]), out[2]
             assert out[1] == UNCHANGED, "the typed text was not kept"
         assert [t.role for t in demo.sessions.get(b.session_hash).conv.turns] == ["user", "assistant"]
+
+
+def test_a_stop_never_waits_behind_another_sessions_forward(engines_):
+    """While another session's forward holds the weights, a decode step that is asked to stop
+    ends at once without forwarding, and a seeded reply then goes on as if never stopped."""
+    engine = engines_["image"]
+    sampling = SamplingConfig(temperature=1.0, seed=5)
+    prompt = [MI.text("Tell me a story about the sea.")]
+    with engine.create_session() as ref:
+        ref.prefill(prompt)
+        want = [ref.decode_one(sampling).token_id for _ in range(8)]
+    with engine.create_session() as s:
+        s.prefill(prompt)
+        got = [s.decode_one(sampling).token_id for _ in range(3)]
+        pos = s.position
+        engine.lock.acquire()  # another session's forward pass holds the engine, for 3 s
+        release = threading.Timer(3.0, engine.lock.release)  # (a regression fails, rather than hangs)
+        release.start()
+        threading.Timer(0.1, s.stop).start()
+        t0 = time.perf_counter()
+        r = s.decode_one(sampling)
+        took = time.perf_counter() - t0
+        release.join()
+        assert r.is_terminal and not r.is_eos, r
+        assert s.position == pos and took < 1.0, (s.position, pos, took)
+        got += [s.decode_one(sampling).token_id for _ in range(5)]
+    assert got == want, "the token drawn before the stop was not put back"
