@@ -121,38 +121,46 @@ def bench_switch(engine, reps: int, history_tokens: int, reply_tokens: int) -> d
     return res
 
 
-def run(engine, quick: bool = False) -> dict:
-    p = (dict(reps=1, compare_history=256, switch_history=256, reply=6) if quick else
-         dict(reps=5, compare_history=1000, switch_history=2000, reply=32))
-    return {
-        "backend": getattr(engine, "backend", "transformers"),
-        "params": p,
-        "compare": in_worker(bench_compare, engine, p["reps"], p["compare_history"], p["reply"]),
-        "switch": in_worker(bench_switch, engine, p["reps"] * 2, p["switch_history"], p["reply"]),
-    }
+def params(quick: bool) -> dict:
+    return (dict(reps=1, compare_history=256, switch_history=256, reply=6) if quick else
+            dict(reps=5, compare_history=1000, switch_history=2000, reply=32))
 
 
-def table(r: dict) -> str:
-    c, s = r["compare"], r["switch"]
+def run(engine, quick: bool = False, sections=("compare", "switch")) -> dict:
+    """Each section's results, or {"error": ...} where one failed (a loaded machine can time a server out)."""
+    p = params(quick)
+    out = {"backend": getattr(engine, "backend", "transformers"), "params": p}
+    jobs = {"compare": lambda: bench_compare(engine, p["reps"], p["compare_history"], p["reply"]),
+            "switch": lambda: bench_switch(engine, p["reps"] * 2, p["switch_history"], p["reply"])}
+    for name in sections:
+        try:
+            out[name] = in_worker(jobs[name])
+        except Exception as e:  # noqa: BLE001 - recorded, and the other section still runs
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
+        print(line(out["backend"], name, out[name]), flush=True)
+    return out
+
+
+def line(backend: str, name: str, r: dict) -> str:
     med = lambda x: x["median"]  # noqa: E731
-    return "\n".join([
-        f"backend {r['backend']}",
-        f"  (a) compare N=3 at {c['history_tokens']} history tokens, {c['reply_tokens']} tokens per reply:",
-        f"      regenerate {med(c['regenerate']['s']):.2f} s ({med(c['regenerate']['tokens']):.0f} tokens) · "
-        f"compare ×3 {med(c['compare3']['s']):.2f} s ({med(c['compare3']['tokens']):.0f} tokens, "
-        f"prefilled again {med(c['compare3']['extra_prefilled']):.0f})",
-        f"      ratio x{c['ratio_wall']:.2f} wall, x{c['ratio_per_token']:.2f} per reply token "
-        f"(target ≤ x{c['target']})",
-        f"  (b) switch at {s['history_tokens']} tokens: {med(s['switch']['s']) * 1000:.1f} ms "
-        f"(prefilled {med(s['switch']['prefilled']):.0f}) · re-send {med(s['resend_history']['s']) * 1000:.0f} ms "
-        f"· ratio x{s['ratio']:.3f} (target ≤ x{s['target']})",
-    ])
+    if "error" in r:
+        return f"{backend} ({name}) failed: {r['error']}"
+    if name == "compare":
+        return (f"{backend} (a) compare N=3 at {r['history_tokens']} history tokens, {r['reply_tokens']} tokens per "
+                f"reply: regenerate {med(r['regenerate']['s']):.2f} s ({med(r['regenerate']['tokens']):.0f} tokens) · "
+                f"compare ×3 {med(r['compare3']['s']):.2f} s ({med(r['compare3']['tokens']):.0f} tokens, prefilled "
+                f"again {med(r['compare3']['extra_prefilled']):.0f}) · x{r['ratio_wall']:.2f} wall, "
+                f"x{r['ratio_per_token']:.2f} per reply token (target ≤ x{r['target']})")
+    return (f"{backend} (b) switch at {r['history_tokens']} tokens: {med(r['switch']['s']) * 1000:.1f} ms "
+            f"(prefilled {med(r['switch']['prefilled']):.0f}) · re-send {med(r['resend_history']['s']) * 1000:.0f} ms "
+            f"· x{r['ratio']:.3f} (target ≤ x{r['target']})")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny histories and replies (a smoke run)")
     ap.add_argument("--backend", default="both", choices=("transformers", "llama.cpp", "both"))
+    ap.add_argument("--only", default="compare,switch", help="sections, comma-separated: compare, switch")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     from engines import load_engine
@@ -162,13 +170,13 @@ def main(argv=None) -> int:
     results = {"machine": machine(), "quick": args.quick}
     for backend in (("transformers", "llama.cpp") if args.backend == "both" else (args.backend,)):
         engine = load_engine("smollm2", backend=backend, max_context=4096)
-        results[backend] = run(engine, args.quick)
-        print(table(results[backend]), flush=True)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
-    return 0
+        results[backend] = run(engine, args.quick, tuple(args.only.split(",")))
+        if args.out:  # after each backend, so a later failure keeps what was measured
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=1)
+    return 0 if all("error" not in r.get(k, {}) for r in results.values() if isinstance(r, dict) and "params" in r
+                    for k in ("compare", "switch")) else 1
 
 
 if __name__ == "__main__":
