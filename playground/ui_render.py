@@ -401,6 +401,7 @@ CSS = """
 #compare-grid .cmp-col.current { border-color: #6366f1; }
 #compare-grid .cmp-head { font-size: 0.75em; font-family: monospace; opacity: 0.8; }
 #compare-grid .cmp-text { white-space: pre-wrap; font-size: 0.9em; flex: 1; }
-#compare-grid .cmp-keep { align-self: flex-start; padding: 2px 8px; border-radius: 6px; background: #eef2ff; cursor: pointer; }
+#compare-grid .cmp-keep { align-self: flex-start; padding: 2px 8px; border-radius: 6px; background: #eef2ff; cursor: pointer;
+  font-size: 0.8em; font-weight: 500; }
 #compare-grid .cmp-current { font-size: 0.8em; color: #4f46e5; }
 """
