@@ -1186,6 +1186,8 @@ def main(argv=None) -> int:
     from . import common
 
     common.WARMUP = not args.quick
+    # SIGTERM runs the `finally` below: a paused (SIGSTOPped) child would otherwise outlive us.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     load = LoadSampler()
     t0 = time.time()
     results: dict = {"machine": machine(), "quick": args.quick, "params": p,
