@@ -17,9 +17,11 @@ unrecorded warm-up (none in --quick), medians over the repetitions:
 - concurrent: 4 sessions decoding at once (one thread each) against 1, and raw
   xllamacpp's own 4 streams against 1 (target: our ratio >= 0.9x raw's).
 - ui: a `gradio_client` streaming /send from the playground served by a child
-  process (as deployed; SIGSTOPped while other sections run) against that same
-  process's engine decoding the same prompt with a plain `decode_one` loop
-  (target: >= 0.9x).
+  process (as deployed; SIGSTOPped while other sections run) against the
+  engine's own rate: a plain `decode_one` loop on an identical engine in this
+  process, same prompt and tokens (target: >= 0.9x). Diagnostics: the same loop
+  inside the UI's process, `Conversation.send` without Gradio, and the UI's own
+  stats line, which together say where the difference goes.
 - startup: `python app.py` (llama.cpp, the default on CPU) from spawn to the
   first streamed token at an HTTP client, against `python -c "import gradio"`
   (target: <= +1.5 s).
@@ -807,9 +809,22 @@ def run_ui(engine, ui: Child, p: dict) -> dict:
     def engine_here():  # the same GGUF and threads in this quiet process, the server paused
         return _end_to_end(session_decode(engine, ids, n))
 
+    def conversation_here():  # what the UI runs per action, without Gradio
+        from engines import MultimodalInput
+        from playground import Conversation
+
+        conv = Conversation(engine)
+        try:
+            drain(conv.send([MultimodalInput.text(PROMPT)], greedy(), max_new_tokens=n))
+            st = conv.last_stats
+            return {"tok_s": st.decode_tok_s, "tokens": st.new_tokens, "ttft_s": st.ttft_s}
+        finally:
+            conv.close()  # cancels the reply's read-ahead
+
     ui.pause()
     cases = {"gradio_client": client_case, "engine_decode_one": engine_here,
-             "engine_decode_one_in_server_process": engine_in_server}
+             "engine_decode_one_in_server_process": engine_in_server,
+             "conversation_send_no_ui": conversation_here}
     runs = interleaved(p["reps"], cases)
     try:
         client.close()
@@ -831,6 +846,9 @@ def run_ui(engine, ui: Child, p: dict) -> dict:
                                                           "client_tok_s", "tok_s"),
         "engine_in_server_process_vs_here_tok_s": pairs("engine_decode_one_in_server_process", "engine_decode_one",
                                                         "tok_s", "tok_s"),
+        "conversation_vs_engine_tok_s": pairs("conversation_send_no_ui", "engine_decode_one", "tok_s", "tok_s"),
+        "server_stats_vs_conversation_tok_s": pairs("gradio_client", "conversation_send_no_ui", "server_stats_tok_s",
+                                                    "tok_s"),
     }
     res["new_tokens"] = n
     res["server_backend"] = ui.info.get("backend")
@@ -1109,6 +1127,11 @@ def table(r: dict) -> str:
                      f"{_f(med(u, 'gradio_client', 'server_stats_tok_s'), '{:.1f}')} vs "
                      f"{_f(med(u, 'engine_decode_one'), '{:.1f}')}",
                      f"×{_f(rt['server_stats_vs_engine_tok_s'])}", "", ""))
+        if rt.get("conversation_vs_engine_tok_s"):
+            rows.append(("  (diagnostic) Conversation.send without Gradio / the engine's decode_one",
+                         f"{_f(med(u, 'conversation_send_no_ui'), '{:.1f}')} vs "
+                         f"{_f(med(u, 'engine_decode_one'), '{:.1f}')}",
+                         f"×{_f(rt['conversation_vs_engine_tok_s'])}", "", ""))
         rows.append(("  (diagnostic) decode_one inside the idle UI server process / here",
                      f"{_f(med(u, 'engine_decode_one_in_server_process'), '{:.1f}')} vs "
                      f"{_f(med(u, 'engine_decode_one'), '{:.1f}')}",
