@@ -428,3 +428,43 @@ class Engine(abc.ABC):
         if len(sessions) != len(samplings):
             raise InvalidArgument(f"{len(sessions)} sessions but {len(samplings)} sampling configs")
         return [s.decode_one(c) for s, c in zip(sessions, samplings)]
+
+
+# --------------------------------------------------------------------------- helpers adapters share
+
+
+def check_inputs(inputs) -> list[MultimodalInput]:
+    """Validate a prefill's `inputs` (a non-empty list of MultimodalInput, no empty text or ids)."""
+    if isinstance(inputs, MultimodalInput) or not isinstance(inputs, (list, tuple)):
+        raise InvalidArgument(f"inputs must be a list of MultimodalInput, got {type(inputs).__name__}")
+    if not inputs:
+        raise InvalidArgument("inputs is empty: give at least one MultimodalInput")
+    for i, inp in enumerate(inputs):
+        if not isinstance(inp, MultimodalInput):
+            raise InvalidArgument(f"input {i} is a {type(inp).__name__}, not a MultimodalInput")
+        if inp.kind in ("text", "tokens") and len(inp.value) == 0:
+            raise InvalidArgument(f"input {i} is empty {inp.kind}")
+    return list(inputs)
+
+
+def framed(engine, position: int, ids: list[int], num_bos, num_eos) -> tuple[list[int], int]:
+    """`ids` with prefill's BOS/EOS framing, and how many BOS ids lead; raises
+    `InvalidArgument` / `ContextFull` (the contract's `prefill` rules) before any change."""
+    for name, n in (("num_bos", num_bos), ("num_eos", num_eos)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise InvalidArgument(f"{name} must be an int >= 0, got {n!r}")
+    head = []
+    if num_bos and position == 0:
+        if getattr(engine, "bos_token_id", None) is None:
+            raise InvalidArgument(f"num_bos={num_bos}, but {engine.name} has no BOS token")
+        head = [engine.bos_token_id] * num_bos
+    tail = []
+    if num_eos:
+        if not engine.eos_token_ids:
+            raise InvalidArgument(f"num_eos={num_eos}, but {engine.name} has no EOS token")
+        tail = [min(engine.eos_token_ids)] * num_eos
+    out = head + list(ids) + tail
+    limit = engine.capacity.max_context_len
+    if position + len(out) > limit:
+        raise ContextFull(f"position {position} + {len(out)} new tokens exceeds the context of {limit}")
+    return out, len(head)

@@ -44,6 +44,7 @@ from .base import (
     SamplingConfig,
     Session,
     SessionPoisoned,
+    framed,
 )
 
 FIRST_WINDOW, LAST_WINDOW = 16, 256  # tokens a stream may run ahead of the reader
@@ -282,26 +283,7 @@ class CompletionSession(Session):
 
     def prefill(self, inputs, num_bos=0, num_eos=0) -> int:
         self._usable()
-        for name, n in (("num_bos", num_bos), ("num_eos", num_eos)):
-            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-                raise InvalidArgument(f"{name} must be an int >= 0, got {n!r}")
-        eng = self._engine
-        ids = eng.prepare(inputs)
-        head = []
-        if num_bos and not self._ids:
-            if eng.bos_token_id is None:
-                raise InvalidArgument(f"num_bos={num_bos}, but {eng.name} has no BOS token")
-            head = [eng.bos_token_id] * num_bos
-        tail = []
-        if num_eos:
-            if not eng.eos_token_ids:
-                raise InvalidArgument(f"num_eos={num_eos}, but {eng.name} has no EOS token")
-            tail = [min(eng.eos_token_ids)] * num_eos
-        new = head + ids + tail
-        if self.position + len(new) > eng.max_context:
-            raise ContextFull(
-                f"position {self.position} + {len(new)} new tokens exceeds the context of {eng.max_context}"
-            )
+        new, _ = framed(self._engine, self.position, self._engine.prepare(inputs), num_bos, num_eos)
         self._stop.clear()
         self._moved()
         tape = self._ids + new

@@ -34,7 +34,8 @@ import torch
 from . import kv
 from .base import EngineError, InvalidArgument, MultimodalInput, NotSupported, ServingCapacity, SessionPoisoned
 from .chat import render_messages
-from .hf_text import HFTextEngine, HFTextSession, Prepared, _check_inputs, _kv_bytes_per_token, use_threads
+from .base import check_inputs as _check_inputs
+from .hf_text import HFTextEngine, HFTextSession, Prepared, _kv_bytes_per_token, use_threads
 from .media import MAX_AUDIO_SECONDS, check_media_value, load_audio, load_image
 
 MEMO_SIZE = 16  # processed media kept per engine, by content hash

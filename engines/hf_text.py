@@ -37,6 +37,8 @@ from .base import (
     ServingCapacity,
     Session,
     SessionPoisoned,
+    check_inputs,
+    framed,
 )
 from .chat import render_messages
 from .compiled import CompiledStep, refusal
@@ -179,7 +181,7 @@ class HFTextEngine(Engine):
 
     def prepare(self, inputs: Sequence[MultimodalInput]) -> Prepared:
         """Validate inputs and turn them into ids. Raises before any state changes."""
-        inputs = _check_inputs(inputs)
+        inputs = check_inputs(inputs)
         ids: list[int] = []
         for i, inp in enumerate(inputs):
             if inp.kind not in self.modalities:
@@ -324,28 +326,10 @@ class HFTextSession(Session):
 
     def prefill(self, inputs, num_bos=0, num_eos=0) -> int:
         self._usable()
-        for name, n in (("num_bos", num_bos), ("num_eos", num_eos)):
-            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-                raise InvalidArgument(f"{name} must be an int >= 0, got {n!r}")
-        eng = self._engine
-        prep = eng.prepare(inputs)
-        head = []
-        if num_bos and not self._ids:
-            if eng.bos_token_id is None:
-                raise InvalidArgument(f"num_bos={num_bos}, but {eng.name} has no BOS token")
-            head = [eng.bos_token_id] * num_bos
-        tail = []
-        if num_eos:
-            if not eng.eos_token_ids:
-                raise InvalidArgument(f"num_eos={num_eos}, but {eng.name} has no EOS token")
-            tail = [min(eng.eos_token_ids)] * num_eos
-        ids = head + prep.ids + tail
-        if self.position + len(ids) > eng.max_context:
-            raise ContextFull(
-                f"position {self.position} + {len(ids)} new tokens exceeds the context of {eng.max_context}"
-            )
+        prep = self._engine.prepare(inputs)
+        ids, n_bos = framed(self._engine, self.position, prep.ids, num_bos, num_eos)
         self._stop.clear()
-        start = self.position + len(head)
+        start = self.position + n_bos
         self._run(ids, prep.extras)
         self._media_spans.extend((start + a, start + b) for a, b in prep.media_spans)
         self._after_move()
@@ -564,19 +548,6 @@ def use_threads(engine, n_tokens: int) -> None:
     if torch.get_num_threads() != want:
         torch.set_num_threads(want)
 
-
-
-def _check_inputs(inputs) -> list[MultimodalInput]:
-    if isinstance(inputs, MultimodalInput) or not isinstance(inputs, (list, tuple)):
-        raise InvalidArgument(f"inputs must be a list of MultimodalInput, got {type(inputs).__name__}")
-    if not inputs:
-        raise InvalidArgument("inputs is empty: give at least one MultimodalInput")
-    for i, inp in enumerate(inputs):
-        if not isinstance(inp, MultimodalInput):
-            raise InvalidArgument(f"input {i} is a {type(inp).__name__}, not a MultimodalInput")
-        if inp.kind in ("text", "tokens") and len(inp.value) == 0:
-            raise InvalidArgument(f"input {i} is empty {inp.kind}")
-    return list(inputs)
 
 
 def _first(*values):

@@ -20,7 +20,7 @@ import weakref
 from typing import Callable, Sequence
 from urllib.parse import urlsplit
 
-from .base import EngineError, InvalidArgument, MultimodalInput, NotSupported, SamplingConfig, ServingCapacity
+from .base import check_inputs, EngineError, InvalidArgument, MultimodalInput, NotSupported, SamplingConfig, ServingCapacity
 from .chat import render_messages
 from .completions import CompletionEngine, CompletionSession, Evaluated, Parsed, Token
 from .templates import JinjaTemplater
@@ -32,17 +32,6 @@ EOG_STRINGS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_
                "<|return|>", "</s>", "<|eom_id|>")
 
 
-def _check_inputs(inputs) -> list[MultimodalInput]:
-    if isinstance(inputs, MultimodalInput) or not isinstance(inputs, (list, tuple)):
-        raise InvalidArgument(f"inputs must be a list of MultimodalInput, got {type(inputs).__name__}")
-    if not inputs:
-        raise InvalidArgument("inputs is empty: give at least one MultimodalInput")
-    for i, inp in enumerate(inputs):
-        if not isinstance(inp, MultimodalInput):
-            raise InvalidArgument(f"input {i} is a {type(inp).__name__}, not a MultimodalInput")
-        if inp.kind in ("text", "tokens") and len(inp.value) == 0:
-            raise InvalidArgument(f"input {i} is empty {inp.kind}")
-    return list(inputs)
 
 
 def _local_gguf(path: str | None) -> tuple[dict, int]:
@@ -169,7 +158,7 @@ class LlamaServerEngine(CompletionEngine):
 
     def prepare(self, inputs: Sequence[MultimodalInput]) -> list[int]:
         ids: list[int] = []
-        for i, inp in enumerate(_check_inputs(inputs)):
+        for i, inp in enumerate(check_inputs(inputs)):
             if inp.kind not in self.modalities:
                 raise NotSupported(
                     f"input {i} is {inp.kind}, but {self.name} takes only {', '.join(sorted(self.modalities))}"

@@ -32,7 +32,8 @@ from urllib.parse import urlsplit
 from .base import EngineError, InvalidArgument, MultimodalInput, NotSupported, ServingCapacity
 from .chat import render_messages
 from .completions import CompletionEngine, CompletionSession, Parsed, Token
-from .llama_server import EOG_STRINGS, _check_inputs
+from .base import check_inputs as _check_inputs
+from .llama_server import EOG_STRINGS
 from .templates import JinjaTemplater
 
 PROBE = "Hello, world! 你好 <|im_start|> 123"  # text whose ids tell tokenizers apart
