@@ -348,6 +348,15 @@ class Session(abc.ABC):
         The contract suite's oracle: after seek, it agrees with a fresh session's."""
         raise NotSupported(f"{type(self).__name__} does not report its pending distribution")
 
+    def pause(self) -> None:
+        """Optional hint: no `decode_one` is coming soon (a reply ended at its
+        token budget or at a stop string). An engine that computes ahead of the
+        reader (a completion stream) stops and drops what it computed ahead.
+        Nothing resident changes; the next `decode_one` samples as after a stop
+        (llama.cpp: a new random stream, seeded from (seed, position)). A caller
+        that steps one token per action skips it, to keep one stream. Default:
+        nothing to do."""
+
     def fork(self) -> "Session":
         """Optional: a new, independent session with the same resident tokens and
         the same pending logits, made at the cost the engine allows (a cache copy)

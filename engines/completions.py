@@ -15,7 +15,7 @@ what it has not cached.
 Where this differs from the transformers engine (engines/base.py allows it):
 - The random stream is re-seeded from (seed, position) whenever a stream is
   (re)opened: after prefill, seek, reset, stop, a change of settings, a lost-id
-  recovery, and at window ends (16, 32, ... 256 tokens). The same seed and the
+  recovery, a pause, and at window ends (16, 32, ... 256 tokens). The same seed and the
   same actions give the same reply; a reply stopped and continued differs from
   the uninterrupted one after the stop.
 - Probabilities are the top-k log-probabilities the server reports, not full
@@ -410,6 +410,10 @@ class CompletionSession(Session):
         s = self._stream
         if s is not None:
             s.cancel()
+
+    def pause(self) -> None:
+        self._close_stream()  # a new stream at this position when decoding resumes
+        self._window = FIRST_WINDOW
 
     def can_seek(self, pos: int) -> bool:
         if isinstance(pos, bool) or not isinstance(pos, int) or not 0 <= pos <= self.position:

@@ -186,6 +186,19 @@ def test_stop_request_is_consumed_once_and_continues_exactly(case, session):
         assert ids(decode(ref, len(first) + len(rest))) == first + rest
 
 
+def test_pause_changes_nothing_resident_and_greedy_continues_exactly(case, session):
+    c, engine = case
+    prompt = c.prompts(engine)[2]
+    session.prefill(prompt)
+    first = ids(decode(session, 4))
+    before = session.tokens
+    session.pause()
+    assert session.tokens == before
+    rest = ids(decode(session, 4))
+    with fresh(engine, prompt) as ref:
+        assert ids(decode(ref, len(first) + len(rest))) == first + rest
+
+
 def test_stop_while_decoding_in_a_loop_from_another_thread(case, session):
     c, engine = case
     session.prefill(c.prompts(engine)[2])

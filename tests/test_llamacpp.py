@@ -249,3 +249,25 @@ def test_fork_shares_the_prefix_and_decodes_like_the_original(cpp):
             assert b.next_logprobs(3) == a.next_logprobs(3)
             assert greedy_ids(b, 8) == greedy_ids(a, 8)
             assert b.last_cached is None or b.last_cached >= 0
+
+
+def test_pause_stops_the_read_ahead_and_decoding_resumes_where_it_was(cpp):
+    prompt = cpp.render([{"role": "user", "content": "Tell me a long story about a dragon."}])
+    with cpp.create_session() as s:
+        s.prefill(prompt)
+        whole = greedy_ids(s, 40)
+    assert len(whole) == 40, "the oracle reply must not end early"
+    with cpp.create_session() as s:
+        s.prefill(prompt)
+        head = greedy_ids(s, 17)  # one token into the second window (16 + 32 tokens)
+        s.pause()
+        seen, deadline = [], time.monotonic() + 30
+        while (slot := next(x for x in cpp.get("/slots") if x["id"] == s.slot))["is_processing"]:
+            seen.append(slot["next_token"][0]["n_decoded"])  # tokens of the open window so far
+            assert time.monotonic() < deadline, "the slot kept decoding after pause()"
+            time.sleep(0.005)
+        # Without pause() the window would run on to its 32nd token.
+        assert max(seen, default=0) <= 8, seen
+        assert s.position == len(prompt_ids := cpp.tokenize(prompt)) + 17
+        assert head + greedy_ids(s, 23) == whole
+        assert s.tokens == prompt_ids + whole

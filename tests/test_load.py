@@ -277,9 +277,4 @@ def test_many_tabs_random_actions_no_cross_talk_and_prompt_stop(app):
     assert len(stops) >= 2 * N_TABS
     assert not out[2].startswith("⚠") and reply_text(out[0]) and fresh_tab is not None
     assert fresh_tab.conv.turns[-1].role == "assistant" and fresh_tab.conv.turns[-1].token_ids
-    if p95 > STOP_P95_S and engine.backend == "llama.cpp":
-        # Known, on a CPU shared with other work: the session ends its stream the moment the Stop
-        # arrives, but the /stop request itself waits for a core that llama.cpp's own threads hold
-        # (docs/reliability.md, "Stop"). Recorded, not hidden: the figure is in the reason.
-        pytest.xfail(f"llama.cpp: Stop p95 {p95:.2f} s with {N_TABS} tabs streaming (p50 {p50:.2f} s)")
     assert p95 <= STOP_P95_S, f"Stop p95 {p95:.2f} s with {N_TABS} tabs streaming (p50 {p50:.2f} s)"
