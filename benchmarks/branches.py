@@ -10,6 +10,11 @@ branch switch that keeps the exact prefix, cost against their peers.
     history (`Conversation.switch`), against re-sending that history (a fresh
     session prefilling the whole tape, what a stateless chat does). Target:
     x0.05 or less.
+(c) floor: what 3 replies at once cost the bare backend, against one, at the
+    compare's history length: 3 rows against 1 in one raw model forward
+    (transformers, decode threads), or 3 raw xllamacpp streams at once against
+    one (llama.cpp). Compare's ratio cannot go below it; (a) over (c) is what
+    the playground adds.
 
 Peers run interleaved, repetition by repetition, after a warm-up, in a worker
 thread (as Gradio runs handlers); the table shows medians. Not run in CI.
@@ -121,16 +126,74 @@ def bench_switch(engine, reps: int, history_tokens: int, reply_tokens: int) -> d
     return res
 
 
+def bench_floor(engine, reps: int, history_tokens: int, reply_tokens: int, n: int = 3) -> dict:
+    """(c): the bare backend decoding `n` rows (or streams) at once against one."""
+    conv_ids = engine.tokenize(engine.render(history(engine, history_tokens)))
+    one, many = (_raw_rows if engine.backend == "transformers" else _raw_streams)(engine, conv_ids, reply_tokens, n)
+    runs = interleaved(reps, {"one": one, f"at_once_{n}": many})
+    res = summarise(runs)
+    res["history_tokens"] = len(conv_ids)
+    res["ratio"] = res[f"at_once_{n}"]["s"]["median"] / res["one"]["s"]["median"]
+    return res
+
+
+def _raw_rows(engine, ids: list[int], steps: int, n: int):
+    """transformers: `steps` one-token forwards of 1 row, or of `n` rows, on the prompt's cache."""
+    import torch
+
+    from engines import kv
+
+    model = engine.model
+    with torch.inference_mode():
+        base = kv.new_cache(model.config)
+        model(input_ids=torch.tensor([ids]), past_key_values=base, use_cache=True, logits_to_keep=1)
+
+    def peer(rows: int):
+        def go():
+            cache = kv.new_cache(model.config)
+            with torch.inference_mode():
+                for i, layer in enumerate(base.layers):
+                    cache.update(layer.keys.repeat(rows, 1, 1, 1), layer.values.repeat(rows, 1, 1, 1), i)
+                torch.set_num_threads(1)  # as a decode step runs (engines/cpu_tuning.decode_threads)
+                token = torch.full((rows, 1), ids[-1])
+                t0 = now()
+                for _ in range(steps):
+                    model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                return {"s": now() - t0}
+        return go
+
+    return peer(1), peer(n)
+
+
+def _raw_streams(engine, ids: list[int], tokens: int, n: int):
+    """llama.cpp: raw xllamacpp streams of `tokens` each on 1 slot, or on `n` slots at once."""
+    from .backends import raw_at_once
+
+    def peer(k: int):
+        def go():
+            holders = [engine.create_session() for _ in range(k)]  # slots that no session uses
+            try:
+                r = raw_at_once(engine, [h.slot for h in holders], ids, tokens)
+            finally:
+                for h in holders:
+                    h.close()
+            return {"s": r["wall_s"], "tokens": r["tokens"]}
+        return go
+
+    return peer(1), peer(n)
+
+
 def params(quick: bool) -> dict:
     return (dict(reps=1, compare_history=256, switch_history=256, reply=6) if quick else
             dict(reps=5, compare_history=1000, switch_history=2000, reply=32))
 
 
-def run(engine, quick: bool = False, sections=("compare", "switch")) -> dict:
+def run(engine, quick: bool = False, sections=("compare", "floor", "switch")) -> dict:
     """Each section's results, or {"error": ...} where one failed (a loaded machine can time a server out)."""
     p = params(quick)
     out = {"backend": getattr(engine, "backend", "transformers"), "params": p}
     jobs = {"compare": lambda: bench_compare(engine, p["reps"], p["compare_history"], p["reply"]),
+            "floor": lambda: bench_floor(engine, p["reps"], p["compare_history"], p["reply"]),
             "switch": lambda: bench_switch(engine, p["reps"] * 2, p["switch_history"], p["reply"])}
     for name in sections:
         try:
@@ -151,6 +214,9 @@ def line(backend: str, name: str, r: dict) -> str:
                 f"compare ×3 {med(r['compare3']['s']):.2f} s ({med(r['compare3']['tokens']):.0f} tokens, prefilled "
                 f"again {med(r['compare3']['extra_prefilled']):.0f}) · x{r['ratio_wall']:.2f} wall, "
                 f"x{r['ratio_per_token']:.2f} per reply token (target ≤ x{r['target']})")
+    if name == "floor":
+        return (f"{backend} (c) floor at {r['history_tokens']} history tokens: the bare backend, 3 at once "
+                f"{med(r['at_once_3']['s']):.2f} s vs one {med(r['one']['s']):.2f} s · x{r['ratio']:.2f}")
     return (f"{backend} (b) switch at {r['history_tokens']} tokens: {med(r['switch']['s']) * 1000:.1f} ms "
             f"(prefilled {med(r['switch']['prefilled']):.0f}) · re-send {med(r['resend_history']['s']) * 1000:.0f} ms "
             f"· x{r['ratio']:.3f} (target ≤ x{r['target']})")
@@ -160,7 +226,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny histories and replies (a smoke run)")
     ap.add_argument("--backend", default="both", choices=("transformers", "llama.cpp", "both"))
-    ap.add_argument("--only", default="compare,switch", help="sections, comma-separated: compare, switch")
+    ap.add_argument("--only", default="compare,floor,switch", help="sections, comma-separated: compare, floor, switch")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     from engines import load_engine
@@ -176,7 +242,7 @@ def main(argv=None) -> int:
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=1)
     return 0 if all("error" not in r.get(k, {}) for r in results.values() if isinstance(r, dict) and "params" in r
-                    for k in ("compare", "switch")) else 1
+                    for k in ("compare", "floor", "switch")) else 1
 
 
 if __name__ == "__main__":
