@@ -69,7 +69,7 @@ class BatchGroup:
         """One forward for every queued token; rows with nothing queued take a dummy."""
         if not self._queued:
             return
-        from .hf_text import use_threads
+        from .cpu_tuning import use_threads
 
         eng = self.engine
         queued, self._queued = self._queued, {}

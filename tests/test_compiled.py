@@ -12,7 +12,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralFo
 
 from app import parse_args
 from engines import ContextFull, InvalidArgument, MultimodalInput as MI, load_engine
-from engines.hf_text import DECODE_THREADS_ENV, HFTextEngine
+from engines.cpu_tuning import DECODE_THREADS_ENV
+from engines.hf_text import HFTextEngine
 from tests.cases import greedy_ids
 from tests.tiny_models import _built, compiled_engine, make_tokenizer
 
