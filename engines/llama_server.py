@@ -212,10 +212,9 @@ class LlamaServerEngine(CompletionEngine):
         return session
 
     def release_slot(self, slot: int) -> None:
-        try:
-            self.post(f"/slots/{slot}?action=erase", {})  # free its KV now, not when the slot is reused
-        except EngineError:
-            pass  # the server may be gone; the slot is still ours to hand out again
+        # Not erased: a slot's KV memory is allocated once, so erasing frees nothing, and an
+        # erase request waits behind the server's other work (seconds on a busy CPU). The next
+        # session's requests keep only the exact prefix of its own tape that the slot holds.
         with self._slots_lock:
             self._sessions.pop(slot, None)
             self._free.append(slot)

@@ -73,7 +73,7 @@ class LlamaCppEngine(LlamaServerEngine):
         p.n_ctx = per_slot * max_sessions  # split evenly: each slot gets `per_slot`
         p.kv_unified = False  # one pool for all slots made every sequence attend over all of it
         p.ctx_shift = False  # never drop history silently; ContextFull instead
-        p.cache_ram_mib = 0  # no host-memory prompt cache: a closed session's KV is freed
+        p.cache_ram_mib = 0  # no host-memory prompt cache: memory stays what the slots were given
         p.n_cache_reuse = 0
         p.swa_full = True  # full-size KV on sliding-window layers, so any prefix can be reused
         p.slot_save_path = self._slot_dir + "/"

@@ -72,6 +72,26 @@ def test_a_seek_reuses_the_servers_cached_prefix(cpp):
         assert s.last_cached >= n + 4 - 1
 
 
+
+def test_a_closed_sessions_slot_is_reusable_at_once_and_holds_nothing_wrong(cpp):
+    x = cpp.render([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three rivers."}])
+    y = cpp.render([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a mountain."}])
+    with cpp.create_session() as ref:  # the oracle: a slot that never held x
+        ref.prefill(y)
+        want = greedy_ids(ref, 12)
+    a = cpp.create_session()
+    a.prefill(x)
+    decode(a, 20)  # its stream may still be running when it closes
+    slot = a.slot
+    a.close()
+    with cpp.create_session() as b:
+        assert b.slot == slot
+        b.prefill(y)
+        shared = next(i for i, (p, q) in enumerate(zip(cpp.tokenize(x), cpp.tokenize(y))) if p != q)
+        assert b.last_cached is not None and b.last_cached <= shared  # only the exact common prefix
+        assert b.tokens == cpp.tokenize(y)
+        assert greedy_ids(b, 12) == want
+
 TEMPLATES = {
     "own": None,
     "llama3": (
