@@ -29,9 +29,9 @@ DUMMY_TOKEN = 0  # fed to a row whose session does not step; that row's result i
 def batchable(engine) -> bool:
     """Plain text engines with growing caches only: media blocks, M-RoPE state and
     fixed-size compiled caches are per session and are not batched."""
-    from .hf_text import HFTextSession
+    from .hf_text import HFTextEngine
 
-    return engine.session_class is HFTextSession and engine.compiled is None
+    return type(engine) is HFTextEngine and engine.compiled is None
 
 
 class BatchGroup:

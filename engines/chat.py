@@ -115,6 +115,19 @@ def render_messages(
     return split_at_sentinels(text, spliced)
 
 
+class PartsContent:
+    """A tokenizer whose chat template receives str content as one text part:
+    multimodal templates (SmolVLM, LLaVA) iterate over a message's parts."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    def apply_chat_template(self, messages, **kw):
+        parts = [dict(m, content=[{"type": "text", "text": m["content"]}]) if isinstance(m.get("content"), str)
+                 else m for m in messages]
+        return self._tokenizer.apply_chat_template(parts, **kw)
+
+
 def split_at_sentinels(text: str, spliced: dict[str, MultimodalInput]) -> list[MultimodalInput]:
     if not spliced:
         return [MultimodalInput.text(text)] if text else []

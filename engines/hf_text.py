@@ -1,68 +1,39 @@
 """transformers causal LMs behind the Engine / Session contract.
 
-Knows nothing of Gradio or of conversations. One forward per prefill or
-decode step, on a cache owned by the session (`HFTextEngine.new_cache`); the
-weights are shared and forwards on them are serialised by the engine's lock.
+Knows nothing of Gradio or of conversations. The engine holds the weights and
+the tokenizer, turns inputs into ids, and runs one forward per prefill or
+decode step on a cache owned by the session; forwards on the shared weights
+are serialised by the engine's lock. The session is `hf_session.HFSession`,
+shared with `hf_multimodal`; CPU threads and weight layout are `cpu_tuning`'s
+(their names are re-exported here).
 
 Differences from the contract: none. With `compile=True` the cache is a
 fixed-size `StaticCache` and seek still works (the contract allows a static cache
 to refuse it; this one need not). Extras: `top_logprobs(k)`; `fork()` copies
 the cache; `decode_batch` forwards sessions at one position together (`batch.py`).
-Threads and weight layout on CPU are `cpu_tuning`'s (its names are re-exported here).
 """
 
 from __future__ import annotations
 
 import hashlib
-import random
 import sys
 import threading
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
 from . import kv
 from .attention import use_sdpa_gqa
-from .base import (
-    STOP_RESULT,
-    ContextFull,
-    DecodeResult,
-    Engine,
-    EngineError,
-    InvalidArgument,
-    MultimodalInput,
-    NotSupported,
-    SamplingConfig,
-    ServingCapacity,
-    Session,
-    SessionPoisoned,
-    check_inputs,
-    framed,
-)
+from .base import Engine, EngineError, InvalidArgument, MultimodalInput, NotSupported, ServingCapacity, check_inputs
 from .chat import render_messages
 from .compiled import CompiledStep, refusal
 from .cpu_tuning import DECODE_THREADS_ENV, GEMV_LAYOUT_ENV, decode_threads, use_gemv_layout, use_threads  # noqa: F401
-from .detok import StreamDecoder
-from .sampling import build_processors, sample_token
-
-# A decode step waiting for the engine's lock looks for a stop request this often.
-STOP_POLL_S = 0.02
-
-@dataclass
-class Prepared:
-    """Inputs turned into ids (media expanded), plus what the forward needs
-    besides ids (processor features) and the media blocks' [start, end) offsets."""
-
-    ids: list[int]
-    extras: dict = field(default_factory=dict)
-    media_spans: list[tuple[int, int]] = field(default_factory=list)
+from .hf_session import STOP_POLL_S, HFSession, Prepared  # noqa: F401 (STOP_POLL_S: re-exported)
 
 
 class HFTextEngine(Engine):
     """A transformers causal LM and its tokenizer, on one device and dtype."""
 
-    session_class: type = None  # set below
     backend = "transformers"
 
     def __init__(
@@ -85,6 +56,7 @@ class HFTextEngine(Engine):
         self.device = model.device
         self.dtype = model.dtype
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
+        self.chat_tokenizer = tokenizer  # what `render` applies the chat template with
         self.num_threads = num_threads or torch.get_num_threads()
         text_cfg = model.config.get_text_config()
         limit = getattr(text_cfg, "max_position_embeddings", None) or 2048
@@ -129,7 +101,7 @@ class HFTextEngine(Engine):
 
     # -- sessions
 
-    def create_session(self) -> "HFTextSession":
+    def create_session(self) -> HFSession:
         if not self._slots.acquire(blocking=False):
             raise EngineError(
                 f"busy: all {self.capacity.max_sessions} sessions of {self.name} are in use; "
@@ -137,7 +109,7 @@ class HFTextEngine(Engine):
             )
         with self._open_lock:
             self._open += 1
-        return self.session_class(self)
+        return HFSession(self)
 
     def _release(self) -> None:
         with self._open_lock:
@@ -164,7 +136,7 @@ class HFTextEngine(Engine):
             raise NotSupported(
                 f"{self.name} has no chat template; pass chat_template= or prefill raw text"
             )
-        return render_messages(self.tokenizer, messages, add_generation_prompt, template, self.modalities)
+        return render_messages(self.chat_tokenizer, messages, add_generation_prompt, template, self.modalities)
 
     def tokenize(self, inputs: Sequence[MultimodalInput]) -> list[int]:
         return self.prepare(inputs).ids
@@ -182,33 +154,40 @@ class HFTextEngine(Engine):
 
     def prepare(self, inputs: Sequence[MultimodalInput]) -> Prepared:
         """Validate inputs and turn them into ids. Raises before any state changes."""
-        inputs = check_inputs(inputs)
         ids: list[int] = []
-        for i, inp in enumerate(inputs):
-            if inp.kind not in self.modalities:
-                raise NotSupported(
-                    f"input {i} is {inp.kind}, but {self.name} takes only "
-                    f"{', '.join(sorted(self.modalities))}"
-                )
-            if inp.kind == "text":
-                ids.extend(self.tokenizer.encode(inp.value, add_special_tokens=False))
-            else:
-                bad = [t for t in inp.value if t >= self.vocab_size]
-                if bad:
-                    raise InvalidArgument(
-                        f"input {i} has token id {bad[0]}, outside the vocabulary of {self.vocab_size}"
-                    )
-                ids.extend(inp.value)
+        for i, inp in enumerate(check_inputs(inputs)):
+            ids.extend(self._text_ids(inp, i))
         return Prepared(ids)
 
+    def _text_ids(self, inp: MultimodalInput, index: int) -> Sequence[int]:
+        """The ids of input `index`, a text or tokens input. Raises `NotSupported` for a
+        kind this engine does not take, `InvalidArgument` for an id outside the vocabulary."""
+        if inp.kind not in self.modalities:
+            raise NotSupported(
+                f"input {index} is {inp.kind}, but {self.name} takes only "
+                f"{', '.join(sorted(self.modalities))}"
+            )
+        if inp.kind == "text":
+            return self.tokenizer.encode(inp.value, add_special_tokens=False)
+        bad = [t for t in inp.value if t >= self.vocab_size]
+        if bad:
+            raise InvalidArgument(f"input {index} has token id {bad[0]}, outside the vocabulary of {self.vocab_size}")
+        return inp.value
+
     # -- the model (called with self.lock held)
+
+    def new_model_state(self):
+        """Per-conversation state the model would keep on its shared object; a plain
+        causal LM keeps none (see `HFMultimodalEngine`)."""
+        return None
 
     def new_cache(self):
         """An empty cache for one session: fixed-size when compiled, else growing."""
         return self.compiled.new_cache() if self.compiled else kv.new_cache(self.model.config)
 
     def forward(self, ids: list[int], cache, extras: dict, session) -> torch.Tensor:
-        """One forward of `ids` on `cache`; returns the last position's logits."""
+        """One forward of `ids` on `cache`; returns the last position's logits.
+        `session` is unused here; tests/cases.py's fault hook tells sessions apart by it."""
         if self.compiled and len(ids) == 1 and not extras:
             return self.compiled(ids[0], cache)  # sets the threads it was compiled for
         use_threads(self, len(ids))
@@ -217,283 +196,8 @@ class HFTextEngine(Engine):
         return out.logits[0, -1]
 
 
-class HFTextSession(Session):
-    """One conversation on an `HFTextEngine`."""
-
-    def __init__(self, engine: HFTextEngine):
-        self._engine = engine
-        self._stop = threading.Event()
-        self._closed = False
-        self._close_lock = threading.Lock()
-        self._generator = torch.Generator(device=engine.device)
-        self._processors = (None, None)  # (config, processors) memo
-        self._logp_memo = (None, None)  # (logits, their log_softmax)
-        self._batch = None  # a batch.BatchGroup holding this session's cache as one of its rows
-        self._clear()
-
-    def _clear(self) -> None:
-        self._leave_batch(keep=False)
-        self._ids: list[int] = []
-        self._cache = None
-        self._logits = None  # pending next-token logits
-        self._last_logits = None  # what the last decode step sampled from
-        self._media_spans: list[tuple[int, int]] = []
-        self._poisoned: BaseException | None = None
-        self._seed = None  # seed of the running random stream; None = reseed
-        self._detok = None
-        self._stop.clear()
-
-    # -- state
-
-    @property
-    def tokens(self) -> list[int]:
-        return list(self._ids)
-
-    @property
-    def position(self) -> int:
-        return len(self._ids)
-
-    @property
-    def pending_logits(self):
-        """The next-token logits `decode_one` will sample from (None before prefill)."""
-        return self._logits
-
-    @property
-    def media_spans(self) -> list[tuple[int, int]]:
-        """[start, end) of each media block in the resident ids."""
-        return list(self._media_spans)
-
-    def _usable(self) -> None:
-        if self._closed:
-            raise EngineError("this session is closed; create a new one")
-        if self._poisoned is not None:
-            raise SessionPoisoned(
-                f"this session is unusable after a failed forward pass ({self._poisoned!r}); call reset()"
-            )
-        if self._batch is not None and not self._batch.collecting:
-            self._leave_batch()  # anything done alone needs its own cache back
-
-    def _leave_batch(self, keep: bool = True) -> None:
-        """Take this session's cache back from its batch group (a copy of its row when `keep`)."""
-        if getattr(self, "_batch", None) is not None:
-            self._batch.leave(self, keep)
-
-    def _run(self, ids: list[int], extras: dict, stoppable: bool = False) -> bool:
-        """Forward `ids` and make them resident. A failure here poisons the session.
-
-        `stoppable` (a decode step): a stop request that comes while this session
-        waits for the engine's lock, behind other sessions' forwards, ends the wait;
-        nothing is forwarded and it returns False."""
-        if self._batch is not None and self._batch.collecting:
-            return self._batch.defer(self, ids)  # forwarded with the group's other rows
-        eng = self._engine
-        if stoppable:
-            if not self._lock_unless_stopped(eng.lock):
-                return False
-        else:
-            eng.lock.acquire()
-        try:
-            with torch.inference_mode():
-                if self._cache is None:
-                    self._cache = eng.new_cache()
-                    self._on_new_cache()
-                logits = eng.forward(ids, self._cache, extras, self)
-        except BaseException as e:  # an interrupt mid-forward leaves the cache half-updated too
-            self._poisoned = e
-            if not isinstance(e, Exception):
-                raise
-            raise SessionPoisoned(f"forward pass failed: {e!r}; call reset() to use this session again") from e
-        finally:
-            eng.lock.release()
-        self._ids.extend(ids)
-        self._logits = logits
-        return True
-
-    def _lock_unless_stopped(self, lock) -> bool:
-        """Take `lock`, or give up (False) once a stop request is pending: Stop never
-        waits behind other sessions' forwards, only behind this session's own."""
-        while not lock.acquire(timeout=STOP_POLL_S):
-            if self._stop.is_set():
-                return False
-        if self._stop.is_set():  # asked while waiting: do not forward
-            lock.release()
-            return False
-        return True
-
-    def _on_new_cache(self) -> None:
-        """Hook: per-conversation model state starts afresh with the cache."""
-
-    # -- the contract
-
-    def prefill(self, inputs, num_bos=0, num_eos=0) -> int:
-        self._usable()
-        prep = self._engine.prepare(inputs)
-        ids, n_bos = framed(self._engine, self.position, prep.ids, num_bos, num_eos)
-        self._stop.clear()
-        start = self.position + n_bos
-        self._run(ids, prep.extras)
-        self._media_spans.extend((start + a, start + b) for a, b in prep.media_spans)
-        self._after_move()
-        return int(self._logits.argmax())
-
-    def decode_one(self, sampling: SamplingConfig) -> DecodeResult:
-        self._usable()
-        if not isinstance(sampling, SamplingConfig):
-            raise InvalidArgument(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
-        if self._stop.is_set():
-            self._stop.clear()
-            return STOP_RESULT
-        if self._logits is None:
-            raise InvalidArgument("nothing to decode from: prefill first")
-        eng = self._engine
-        if self.position >= eng.max_context:
-            raise ContextFull(f"position {self.position} has reached the context of {eng.max_context}")
-        self._seed_for(sampling)
-        if self._processors[0] != sampling:
-            self._processors = (sampling, build_processors(sampling))
-        rng = None if sampling.greedy else self._generator.get_state()
-        t = sample_token(self._logits, self._ids, sampling, self._processors[1], self._generator)
-        last, self._last_logits = self._last_logits, self._logits
-        if t in eng.eos_token_ids:
-            return DecodeResult(t, "", True, True)
-        if not self._run([t], {}, stoppable=True):  # stopped while other sessions forwarded
-            self._stop.clear()  # the terminal step consumes the request, as above
-            self._last_logits = last
-            if rng is not None:  # as if `t` was never drawn: a continued reply replays from its seed
-                self._generator.set_state(rng)
-            return STOP_RESULT
-        if self._detok is None:
-            self._detok = StreamDecoder(eng.tokenizer, self._ids[:-1])
-        return DecodeResult(t, self._detok.step(t), False, False)
-
-    def _seed_for(self, sampling: SamplingConfig) -> None:
-        if sampling.greedy:
-            return
-        if self._seed is None or (sampling.seed is not None and sampling.seed != self._seed):
-            self._seed = sampling.seed if sampling.seed is not None else random.getrandbits(63)
-            self._generator.manual_seed(self._seed)
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def can_seek(self, pos: int) -> bool:
-        if isinstance(pos, bool) or not isinstance(pos, int) or not 0 <= pos <= self.position:
-            return False
-        if self._closed or self._poisoned is not None:
-            return False
-        if pos == self.position or pos == 0:
-            return True
-        if any(a < pos < b for a, b in self._media_spans):
-            return False
-        return pos - 1 >= kv.seek_floor(self._cache)
-
-    def seek(self, pos: int) -> None:
-        self._usable()
-        if isinstance(pos, bool) or not isinstance(pos, int) or not 0 <= pos <= self.position:
-            raise InvalidArgument(f"seek position {pos!r} is outside 0..{self.position}")
-        if not self.can_seek(pos):
-            inside = [s for s in self._media_spans if s[0] < pos < s[1]]
-            why = (
-                f"it is inside the media block at {inside[0][0]}..{inside[0][1]}"
-                if inside
-                else f"the sliding-window floor is {kv.seek_floor(self._cache) + 1}"
-            )
-            raise NotSupported(f"cannot seek to {pos}: {why}; reset() and prefill instead")
-        self._stop.clear()
-        if pos == self.position:
-            return
-        if pos == 0:
-            self._clear()
-            return
-        # Crop to pos - 1 and re-run the last kept token to get its logits back.
-        last = self._ids[pos - 1]
-        del self._ids[pos - 1 :]
-        self._media_spans = [s for s in self._media_spans if s[1] <= pos - 1]
-        try:
-            kv.crop_to(self._cache, pos - 1)
-        except BaseException as e:
-            self._poisoned = e
-            raise SessionPoisoned(f"cache crop failed: {e!r}; call reset()") from e
-        self._run([last], {})
-        self._after_move()
-
-    def _after_move(self) -> None:
-        self._seed = None
-        self._detok = None
-        self._last_logits = None
-
-    def reset(self) -> None:
-        if self._closed:
-            raise EngineError("this session is closed; create a new one")
-        self._clear()
-
-    def fork(self) -> "HFTextSession":
-        """A copy of this session's cache, ids and pending logits in a new session
-        (about 5 ms per 1,000 cached tokens of SmolLM2 here, against a prefill)."""
-        self._usable()
-        new = self._engine.create_session()  # takes a capacity slot, or raises "busy"
-        try:
-            with torch.inference_mode():
-                self._copy_into(new)
-        except BaseException:
-            new.close()
-            raise
-        return new
-
-    def _copy_into(self, new: "HFTextSession") -> None:
-        """Hook: copy per-conversation state into a fresh session of the same engine."""
-        new._ids = list(self._ids)
-        new._cache = None if self._cache is None else kv.copy_cache(self._cache)
-        new._logits = None if self._logits is None else self._logits.clone()
-        new._media_spans = list(self._media_spans)
-
-    def close(self) -> None:
-        with self._close_lock:  # close() and __del__ may race; the slot is given back once
-            if self._closed:
-                return
-            self._closed = True
-        self._leave_batch(keep=False)
-        self._cache = None
-        self._logits = self._last_logits = None
-        self._engine._release()
-
-    def __del__(self):
-        # A session dropped without close() (a notebook re-running a cell) gives its slot back.
-        try:
-            self.close()
-        except Exception:
-            pass
-
-    def _last_logp(self):
-        """log_softmax of the last step's logits, computed once per step."""
-        logits = self._last_logits
-        if logits is None:
-            return None
-        if self._logp_memo[0] is not logits:
-            self._logp_memo = (logits, torch.log_softmax(logits.float(), dim=-1))
-        return self._logp_memo[1]
-
-    def top_logprobs(self, k: int = 5) -> list[tuple[int, str, float]]:
-        logp = self._last_logp()
-        if logp is None:
-            return []
-        vals, idx = logp.topk(k)
-        return [(int(i), self._engine.decode([int(i)]), float(v)) for v, i in zip(vals, idx)]
-
-    def next_logprobs(self, k: int = 5) -> list[tuple[int, float]]:
-        self._usable()
-        if self._logits is None:
-            return []
-        vals, idx = torch.log_softmax(self._logits.float(), dim=-1).topk(k)
-        return [(int(i), float(v)) for v, i in zip(vals, idx)]
-
-    def logprob(self, token_id: int) -> float | None:
-        """Log-probability of `token_id` in the last decode step's distribution."""
-        logp = self._last_logp()
-        return None if logp is None else float(logp[token_id])
-
-
-HFTextEngine.session_class = HFTextSession
+# The one session class of both HF adapters; the old name keeps working.
+HFTextSession = HFSession
 
 
 # --------------------------------------------------------------------------- helpers

@@ -140,3 +140,33 @@ def test_top_logprobs_describe_the_last_step(smol):
         assert top[0][0] == r.token_id and top[0][1] == smol.decode([r.token_id])
         assert top[0][2] >= top[1][2] >= top[2][2] and s.logprob(r.token_id) == pytest.approx(top[0][2])
         assert sum(torch.tensor([t[2] for t in s.top_logprobs(50)]).exp()) <= 1.0 + 1e-5
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt("mid-step"), RuntimeError("device lost")], ids=["interrupt", "error"])
+@pytest.mark.parametrize("where", ["forward", "crop"])
+def test_a_failure_while_state_changes_poisons_the_session(smol, monkeypatch, error, where):
+    """An interrupt (not an Exception) propagates as it is, an error as SessionPoisoned;
+    either way the half-updated session refuses every call but reset."""
+    from engines import SessionPoisoned, kv
+
+    def fail(*args, **kwargs):
+        raise error
+
+    with smol.create_session() as s:
+        s.prefill([MI.text("One two three four five")])
+        if where == "forward":
+            monkeypatch.setattr(smol, "forward", fail)
+            call = lambda: s.decode_one(GREEDY)  # noqa: E731
+        else:
+            monkeypatch.setattr(kv, "crop_to", fail)
+            call = lambda: s.seek(2)  # noqa: E731
+        with pytest.raises(SessionPoisoned if isinstance(error, Exception) else KeyboardInterrupt) as raised:
+            call()
+        assert raised.value is error or raised.value.__cause__ is error
+        monkeypatch.undo()
+        for again in (lambda: s.decode_one(GREEDY), lambda: s.prefill([MI.text("x")]), lambda: s.seek(0)):
+            with pytest.raises(SessionPoisoned, match="reset"):
+                again()
+        assert not s.can_seek(0)
+        s.reset()
+        s.prefill([MI.text("Again")])
+        assert s.tokens == smol.tokenize([MI.text("Again")])

@@ -169,6 +169,26 @@ def test_gemma3_sliding_window_floor_is_announced_by_can_seek():
         assert s.position == deep and s.can_seek(0) and s.can_seek(deep)
         assert not s.can_seek(b)  # the media block's end is below the floor too
 
+@pytest.mark.parametrize("error", [KeyboardInterrupt("mid-crop"), RuntimeError("crop broke")], ids=["interrupt", "error"])
+def test_a_failed_crop_at_a_media_block_end_poisons_the_session(error, monkeypatch):
+    from engines import SessionPoisoned, kv
+
+    def fail(*args):
+        raise error
+
+    engine = tiny_engine("llava")
+    with fresh(engine, prompt_with("image", 1)) as s:
+        (a, b), = s.media_spans
+        monkeypatch.setattr(kv, "crop_to", fail)
+        with pytest.raises(SessionPoisoned if isinstance(error, Exception) else KeyboardInterrupt):
+            s.seek(b)
+        monkeypatch.undo()
+        with pytest.raises(SessionPoisoned, match="reset"):
+            s.decode_one(GREEDY)
+        s.reset()
+        s.prefill(prompt_with("image", 1))
+        assert s.media_spans == [(a, b)]
+
 # --------------------------------------------------------------------------- sessions
 
 def test_two_sessions_with_different_media_interleaved_equal_their_solo_runs(family):

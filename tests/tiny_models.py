@@ -142,7 +142,7 @@ def build_qwen2_vl(version: str = "2") -> Path:
     import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from engines.hf_multimodal import images_only
+    from engines.hf_multimodal_load import images_only
 
     tok = make_tokenizer(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
                          bos="<|endoftext|>")
@@ -176,7 +176,7 @@ def build_idefics3(family: str = "idefics3") -> Path:
     """Idefics3, or SmolVLM (the same design; its processor adds video) with family="smolvlm"."""
     import transformers
 
-    from engines.hf_multimodal import images_only
+    from engines.hf_multimodal_load import images_only
 
     tok = make_tokenizer(["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]
                          + [f"<row_{r}_col_{c}>" for r in range(1, 4) for c in range(1, 4)])
@@ -252,7 +252,7 @@ def build_gemma3n_audio(shared_kv: int = 0) -> Path:
     from transformers.models.gemma3n.feature_extraction_gemma3n import Gemma3nAudioFeatureExtractor
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-    from engines.hf_multimodal import vision_tower_left_out
+    from engines.hf_multimodal_load import vision_tower_left_out
 
     marks = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>",
              "boa_token": "<start_of_audio>", "eoa_token": "<end_of_audio>", "audio_token": "<audio_soft_token>"}
