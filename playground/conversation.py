@@ -5,86 +5,31 @@ Knows nothing of torch, tokenizers or Gradio: it plans with the engine's
 `decode_one`. Every action does the same three things:
 
 1. render the conversation it wants (the template, exact reply ids spliced in);
-2. keep the longest exact prefix already resident (ids, media by content);
+2. keep the longest exact prefix already resident (ids, media by content: residency.py);
 3. seek there and prefill the rest; then stream replies token by token.
+
+One lock (one action at a time), one stop flag and one seed source (`turns.seeded`)
+serve every action, the compare included.
 """
 
 from __future__ import annotations
 
 import contextlib
-import random
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Iterator, Sequence
 
-from engines import (
-    ContextFull,
-    EngineError,
-    InvalidArgument,
-    MultimodalInput,
-    NotSupported,
-    SamplingConfig,
-)
+from engines import ContextFull, EngineError, InvalidArgument, MultimodalInput, NotSupported, SamplingConfig
 
-from .prefix import plan_prefix
-from .stopstrings import StopMatcher
 from . import branches, multistream, transcript
+from .residency import Residency, slice_inputs
+from .spans import SpanBook
+from .stopstrings import StopMatcher
+from .turns import (FINISH_REASONS, ROLES, Began, Busy, Piece, Stats, TokenInfo, Turn,  # noqa: F401 - re-exported
+                    plain_token_info, seeded)
 
-FINISH_REASONS = ("eos", "length", "stopped", "stop_string", "context_full")
 COMPARE_MIN, COMPARE_MAX = 2, 4  # replies one compare may sample
-
-
-@dataclass(frozen=True)
-class TokenInfo:
-    """One generated token with its probability and the top alternatives."""
-
-    id: int
-    text: str
-    logprob: float | None
-    top: tuple = ()  # ((id, text, logprob), ...)
-
-
-def plain_token_info(engine, ids) -> list[TokenInfo]:
-    """Token info without probabilities, for ids this process did not sample (edited,
-    imported), so `token_info` stays aligned with `token_ids`."""
-    return [TokenInfo(t, engine.decode([t]), None) for t in ids]
-
-
-@dataclass
-class Turn:
-    role: str  # "system" | "user" | "assistant"
-    parts: list[MultimodalInput]
-    span: tuple[int, int] | None = None  # KV [start, end) once resident
-    token_ids: list[int] | None = None  # assistant: the exact generated ids
-    sampling: dict | None = None  # assistant: the settings, with the seed used
-    token_info: list[TokenInfo] = field(default_factory=list)
-    media_spans: list[tuple[str, int, int]] = field(default_factory=list)
-    # The branch tree (branches.py): every turn that followed this one, and the current one.
-    children: list["Turn"] = field(default_factory=list, repr=False, compare=False)
-    chosen: "Turn | None" = field(default=None, repr=False, compare=False)
-
-    @property
-    def text(self) -> str:
-        """The turn's visible text (media left out; a matched stop string cut off)."""
-        return "".join(p.value for p in self.parts if p.kind == "text")
-
-
-@dataclass(frozen=True)
-class Stats:
-    """What the last action did. `finish_reason` is None while it streams."""
-
-    reused: int
-    prefilled: int
-    fallback: bool
-    ttft_s: float | None = None
-    decode_tok_s: float | None = None
-    finish_reason: str | None = None
-    new_tokens: int = 0  # a compare: all its replies' tokens together
-    replies: int = 1  # a compare: how many replies shared the prefill
-    extra_prefilled: int = 0  # a compare on an engine that cannot fork: tokens prefilled again
-    finish_reasons: tuple = ()  # a compare: each reply's finish reason
-    server_cached: int | None = None  # a prefill's prompt tokens the server found in its own cache (if it says)
 
 
 class Conversation:
@@ -96,10 +41,12 @@ class Conversation:
         chat_template: a Jinja template string overriding the model's own.
         raw: skip the template; user text is prefilled as is (completion mode).
         top_alternatives: how many alternatives to record per generated token (0: none).
+        lock: the one-action-at-a-time lock, when its owner outlives this conversation (a
+            browser tab that swaps conversations); a new one by default.
     """
 
     def __init__(self, engine, system_prompt: str | None = None, chat_template: str | None = None,
-                 raw: bool = False, top_alternatives: int = 5):
+                 raw: bool = False, top_alternatives: int = 5, lock: threading.Lock | None = None):
         if system_prompt is not None and not isinstance(system_prompt, str):
             raise InvalidArgument(f"system_prompt must be a str or None, got {type(system_prompt).__name__}")
         if chat_template is not None and not isinstance(chat_template, str):
@@ -117,11 +64,11 @@ class Conversation:
         self._forks: list = []  # a running compare's extra sessions (for stop)
         self.import_notes: list[str] = []
         self._session = None
-        self._keys: list = []  # key of each resident position (see prefix.py)
-        self._media_ids: dict = {}  # media key -> expanded ids, so media are processed once
-        self._span_memo: tuple[list, list] = ([], [])  # (fingerprints, turn ends) of the last span pass
-        self._busy = threading.Lock()
-        self._stop_asked = threading.Event()  # survives the seek/prefill that clear the session's
+        self._residency = Residency(engine.tokenize)
+        self._spans = SpanBook()
+        self._encoded: dict = {}  # media encoded for export (transcript.tree_to_messages), each once
+        self.lock = lock or threading.Lock()  # held for the whole of an action, a stream included
+        self._stop = threading.Event()  # the stop flag every stream loop checks (seek/prefill clear the session's)
 
     # ------------------------------------------------------------------ state
 
@@ -139,9 +86,10 @@ class Conversation:
 
     @property
     def session(self):
-        """The engine session, created on first use."""
+        """The engine session, created on first use (`turns.Busy` when the engine has no room)."""
         if self._session is None:
-            self._session = self.engine.create_session()
+            self._session = _capacity(self.engine.create_session)
+            self._residency.emptied()
         return self._session
 
     @property
@@ -152,34 +100,39 @@ class Conversation:
     def max_context(self) -> int:
         return self.engine.capacity.max_context_len
 
+    @property
+    def busy(self) -> bool:
+        """Whether an action (a stream included) is running."""
+        return self.lock.locked()
+
     def close(self) -> None:
         """Free the session (the transcript stays; the next action makes a new one)."""
         if self._session is not None:
             self._session.close()
             self._session = None
-            self._keys = []
 
     # ------------------------------------------------------------------ actions
+    # Streaming actions validate, then return a generator of text pieces; with
+    # `events=True`, of typed events instead (turns.Began, then turns.Piece).
 
     def send(self, parts, sampling: SamplingConfig = SamplingConfig(), max_new_tokens: int = 64,
-             stop_strings: Sequence[str] = ()) -> Iterator[str]:
+             stop_strings: Sequence[str] = (), *, events: bool = False) -> Iterator[str]:
         """Add a user turn and stream the reply. Raises before returning the generator."""
         parts = self._check_parts(parts)
-        turns = self.turns + [Turn("user", parts)]
-        return self._start(turns, None, sampling, max_new_tokens, stop_strings)
+        return self._start(self.turns + [Turn("user", parts)], None, sampling, max_new_tokens, stop_strings, events)
 
     def regenerate(self, sampling: SamplingConfig = SamplingConfig(), max_new_tokens: int = 64,
-                   stop_strings: Sequence[str] = ()) -> Iterator[str]:
+                   stop_strings: Sequence[str] = (), *, events: bool = False) -> Iterator[str]:
         """Replace the last reply with a new one; everything before it is reused."""
         turns = list(self.turns)
         if turns and turns[-1].role == "assistant":
             turns.pop()
         if not turns or turns[-1].role != "user":
             raise InvalidArgument("nothing to regenerate: the conversation has no user turn to answer")
-        return self._start(turns, None, sampling, max_new_tokens, stop_strings)
+        return self._start(turns, None, sampling, max_new_tokens, stop_strings, events)
 
     def edit(self, i: int, parts, sampling: SamplingConfig = SamplingConfig(), max_new_tokens: int = 64,
-             stop_strings: Sequence[str] = ()) -> Iterator[str]:
+             stop_strings: Sequence[str] = (), *, events: bool = False) -> Iterator[str]:
         """Replace turn `i`, drop the turns after it, and reply again.
 
         Editing a user turn answers it anew; editing an assistant turn makes
@@ -190,27 +143,28 @@ class Conversation:
         if old.role == "system":
             raise InvalidArgument("turn 0 is the system prompt; edit a user or assistant turn")
         if old.role == "user":
-            return self._start(self.turns[:i] + [Turn("user", parts)], None, sampling, max_new_tokens, stop_strings)
+            return self._start(self.turns[:i] + [Turn("user", parts)], None, sampling, max_new_tokens,
+                               stop_strings, events)
         if any(p.kind not in ("text", "tokens") for p in parts):
             raise InvalidArgument("an assistant turn can only be edited to text or tokens")
-        ids = self._tokenize(parts)
+        ids = self.engine.tokenize(parts)
         reply = Turn("assistant", [MultimodalInput.text(self.engine.decode(ids))], token_ids=ids,
                      token_info=plain_token_info(self.engine, ids))
-        return self._start(self.turns[:i], reply, sampling, max_new_tokens, stop_strings)
+        return self._start(self.turns[:i], reply, sampling, max_new_tokens, stop_strings, events)
 
     def continue_reply(self, sampling: SamplingConfig = SamplingConfig(), max_new_tokens: int = 64,
-                       stop_strings: Sequence[str] = ()) -> Iterator[str]:
+                       stop_strings: Sequence[str] = (), *, events: bool = False) -> Iterator[str]:
         """Resume the last reply exactly where it ended (no synthetic message)."""
         if not self.turns or self.turns[-1].role != "assistant":
             raise InvalidArgument("no reply to continue: the last turn is not an assistant reply")
-        return self._start(self.turns[:-1], self.turns[-1], sampling, max_new_tokens, stop_strings)
+        return self._start(self.turns[:-1], self.turns[-1], sampling, max_new_tokens, stop_strings, events)
 
     def step(self, sampling: SamplingConfig = SamplingConfig()) -> str:
         """Decode exactly one more token of the current reply (starting one if needed)."""
         if self.turns and self.turns[-1].role == "assistant":
             gen = self.continue_reply(sampling, 1)
         elif self.turns and self.turns[-1].role == "user":
-            gen = self._start(list(self.turns), None, sampling, 1, ())
+            gen = self._start(list(self.turns), None, sampling, 1, (), False)
         else:
             raise InvalidArgument("nothing to step: send a message first")
         return "".join(gen)
@@ -238,13 +192,8 @@ class Conversation:
                 siblings[branches.index_of(siblings, turn)] = cut  # in place: nothing is lost
             self.turns = self.turns[:i] + [cut]
             if self._session is not None:
-                keys, _ = self._keys_of(self._target(self.turns[:i], cut))
-                self._sync_keys()
-                plan = plan_prefix(self._keys, keys, self._session.can_seek)
-                if not plan.fallback and plan.prefill == 0 and self._session.can_seek(plan.keep):
-                    self._session.seek(plan.keep)
-                    del self._keys[plan.keep:]
-                    self.last_stats = Stats(plan.keep, 0, False)
+                keys, _ = self._residency.keys_of(self._wanted(self.turns[:i], cut))
+                self.last_stats = self._residency.seek_if_prefix(self._session, keys) or self.last_stats
             self._update_spans()
 
     def drop_from(self, i: int) -> None:
@@ -257,11 +206,31 @@ class Conversation:
                 branches.prune(self._parent(i), self.turns[i])
             self.turns = self.turns[:i]
 
+    def set_system_prompt(self, text: str | None) -> None:
+        """Replace turn 0, the system prompt (None or "" removes it); the turns after it
+        and their branches stay. The KV follows on the next action."""
+        if text is not None and not isinstance(text, str):
+            raise InvalidArgument(f"system_prompt must be a str or None, got {type(text).__name__}")
+        with self._exclusive():
+            old = self.turns[0] if self.turns and self.turns[0].role == "system" else None
+            below = old or self._root  # what holds the first user turns and their siblings
+            kids, chosen = list(below.children), below.chosen
+            rest = self.turns[1:] if old else list(self.turns)
+            if text:
+                head = Turn("system", [MultimodalInput.text(text)], children=kids, chosen=chosen)
+                self._root.children, self._root.chosen = [head], head
+                rest = [head] + rest
+            else:
+                self._root.children, self._root.chosen = kids, chosen
+            self.turns = rest
+            for t in self.turns:  # nothing after the change is resident as it was
+                t.span, t.media_spans = None, []
+
     def stop(self) -> None:
         """Ask a running stream (in another thread) to end at the next token."""
-        self._stop_asked.set()
+        self._stop.set()
         if self._session is not None:
-            self._session.stop()
+            self._session.stop()  # ends a decode step already waiting on the engine
         for fork in list(self._forks):  # a compare's other replies
             fork.stop()
 
@@ -270,11 +239,10 @@ class Conversation:
         with self._exclusive():
             self._root = branches.Root()
             self.turns = [Turn(t.role, t.parts) for t in self.turns if t.role == "system"]
+            self.last_stats = None
             self.last_compare = None
             if self._session is not None:
-                self._session.reset()
-            self._keys = []
-            self.last_stats = None
+                self._residency.emptied(self._session)
             self._update_spans()
 
     # ------------------------------------------------------------------ branches
@@ -299,16 +267,16 @@ class Conversation:
             raise InvalidArgument(f"sibling {k!r} is outside 0..{len(sibs) - 1} for turn {i}")
         path = self.turns[:i] + branches.follow(sibs[k])
         with self._exclusive():
-            target = self._keys_of(self._path_target(path))
+            target = self._residency.keys_of(self._wanted_for(path))
             if len(target[0]) > self.max_context:
                 raise ContextFull(f"that branch needs {len(target[0])} tokens, but the context is {self.max_context}")
-            stats = self._move(*target)
+            stats = self._residency.move_to(self.session, *target)
             self.turns = path
             self.last_stats = stats
             self._update_spans()
 
     def compare(self, samplings: Sequence[SamplingConfig], max_new_tokens: int = 64,
-                stop_strings: Sequence[str] = (), parts=None) -> Iterator[tuple[int, str]]:
+                stop_strings: Sequence[str] = (), parts=None, *, events: bool = False) -> Iterator[tuple[int, str]]:
         """Sample 2-4 replies to the pending user turn from one prefill; yields `(k, piece)`
         for reply `k` as the replies stream, interleaved.
 
@@ -318,8 +286,8 @@ class Conversation:
         seed. The prompt is prefilled once and the session forked for each other reply
         (`Session.fork`); on an engine that cannot fork, fresh sessions are prefilled
         again and `last_stats.extra_prefilled` says how many tokens that cost. Raises
-        `EngineError` ("busy") when the engine has no room for the extra sessions, and
-        everything `send` raises, before returning the generator.
+        `turns.Busy` (an `EngineError`, "busy") when the engine has no room for the
+        extra sessions, and everything `send` raises, before returning the generator.
         """
         if not isinstance(samplings, (list, tuple)) or not COMPARE_MIN <= len(samplings) <= COMPARE_MAX:
             raise InvalidArgument(f"compare takes a list of {COMPARE_MIN} to {COMPARE_MAX} SamplingConfigs")
@@ -341,24 +309,26 @@ class Conversation:
         need = len(samplings) - 1 + (self._session is None)
         free = cap - self.engine.open_sessions
         if need > free:
-            raise EngineError(
+            raise Busy(
                 f"busy: comparing {len(samplings)} replies needs {need} more session(s) at once, but only "
                 f"{max(free, 0)} of the engine's {cap} are free; compare fewer replies or try again later"
             )
-        self._stop_asked.clear()
-        return self._compare_stream(before, target, list(samplings), max_new_tokens, tuple(stop_strings))
+        self._stop.clear()
+        gen = self._compare_stream(before, target, list(samplings), max_new_tokens, tuple(stop_strings))
+        return gen if events else _pairs(gen)
 
     def _compare_stream(self, before, target, samplings, max_new_tokens, stop_strings):
-        if not self._busy.acquire(blocking=False):
+        if not self.lock.acquire(blocking=False):
             raise EngineError("another action is running on this conversation; stop it first")
         session, replies, forks, stats = None, [], [], None
         progress = multistream.Progress()
         try:
-            samplings = [c if c.seed is not None else replace(c, seed=random.getrandbits(31)) for c in samplings]
+            samplings = [seeded(c) for c in samplings]
             t0 = time.perf_counter()
             self.last_stats = None
             session = self.session
-            stats = self._move(*target)  # the one prefill every reply shares
+            stats = self._residency.move_to(session, *target)  # the one prefill every reply shares
+            start = session.position
             forks, extra = self._copies(session, len(samplings) - 1, target)
             self._forks = forks
             turns = [Turn("assistant", [MultimodalInput.text("")], token_ids=[], sampling=c.to_dict())
@@ -371,10 +341,12 @@ class Conversation:
             self.last_stats = stats
             replies = [multistream.Reply(s, t, c, StopMatcher(stop_strings))
                        for s, t, c in zip([session] + forks, turns, samplings)]
-            for item in multistream.stream(self.engine, replies, max_new_tokens, self._stop_asked,
-                                           self._token_info, progress):
+            yield Began(tuple(self.turns), start, stats, tuple(turns), ("",) * len(turns), compare_at=i)
+            first = replies[0]
+            for k, piece in multistream.stream(self.engine, replies, max_new_tokens, self._stop,
+                                               self._token_info, progress):
                 self.last_stats = _compare_stats(stats, replies, progress, t0)
-                yield item
+                yield Piece(piece, start + first.n, self.last_stats, k)
         finally:
             try:
                 for r in replies:
@@ -383,13 +355,12 @@ class Conversation:
                     fork.close()
                 self._forks = []
                 if replies:
-                    self._keys.extend(replies[0].turn.token_ids)  # what the main session now holds
                     self.last_stats = _compare_stats(stats, replies, progress, t0)
                 if session is not None:
-                    self._clear_stop(session)
+                    _clear_stop(session)
                     self._update_spans()
             finally:
-                self._busy.release()
+                self.lock.release()
 
     def _copies(self, session, n: int, target) -> tuple[list, int]:
         """`n` more sessions holding what `session` holds: forks, or, where the engine
@@ -399,17 +370,17 @@ class Conversation:
         try:
             for _ in range(n):
                 try:
-                    copies.append(session.fork())
+                    copies.append(_capacity(session.fork))
                 except NotSupported:
-                    copies.append(self.engine.create_session())
-                    copies[-1].prefill(_slice_inputs(target[1], 0))
+                    copies.append(_capacity(self.engine.create_session))
+                    copies[-1].prefill(slice_inputs(target[1], 0))
                     extra += len(target[0])
         except BaseException as e:
             for c in copies:
                 c.close()
-            if isinstance(e, EngineError) and str(e).startswith("busy"):
-                raise EngineError(f"busy: a compare needs {n + 1} sessions at once and the engine has no room "
-                                  f"({e}); compare fewer replies or try again later") from e
+            if isinstance(e, Busy):
+                raise Busy(f"busy: a compare needs {n + 1} sessions at once and the engine has no room "
+                           f"({e}); compare fewer replies or try again later") from e
             raise
         return copies, extra
 
@@ -426,61 +397,62 @@ class Conversation:
         """JSON-ready messages: text, media (base64), exact reply ids, sampling, model identity;
         the current branch, each message carrying its alternatives (format: transcript.py)."""
         model = {"name": self.engine.name, "tokenizer": self.engine.fingerprint}
-        return transcript.tree_to_messages(self.turns, self._root, model)
+        return transcript.tree_to_messages(self.turns, self._root, model, self._encoded)
 
     @classmethod
     def from_messages(cls, engine, messages: list[dict], chat_template: str | None = None,
-                      raw: bool = False, prefill: bool = True) -> "Conversation":
+                      raw: bool = False, prefill: bool = True, lock: threading.Lock | None = None) -> "Conversation":
         """Rebuild a conversation. Reply ids are trusted only from the same tokenizer;
         otherwise the text is re-tokenised and `import_notes` says so. With
         `prefill`, the KV is rebuilt now, exactly as the exporting session held it."""
-        conv = cls(engine, chat_template=chat_template, raw=raw)
-        conv._root, path, conv.import_notes = transcript.messages_to_tree(engine, messages, conv._tokenize)
+        conv = cls(engine, chat_template=chat_template, raw=raw, lock=lock)
+        conv._root, path, conv.import_notes = transcript.messages_to_tree(engine, messages, engine.tokenize)
         conv.turns = path
         if prefill and conv.turns:
             try:
-                conv._move(*conv._keys_of(conv._path_target(conv.turns)))
+                conv._residency.move_to(conv.session, *conv._residency.keys_of(conv._wanted_for(conv.turns)))
             except BaseException:
                 conv.close()
                 raise
             conv._update_spans()
         return conv
 
-    # ------------------------------------------------------------------ the mechanism
+    # ------------------------------------------------------------------ the stream loop
 
-    def _start(self, before: list[Turn], reply: Turn | None, sampling, max_new_tokens, stop_strings):
+    def _start(self, before: list[Turn], reply: Turn | None, sampling, max_new_tokens, stop_strings, events):
         """Validate everything, then return the stream generator (nothing changed yet)."""
         self._check_generation(sampling, max_new_tokens, stop_strings)
         self._not_busy()
         target = self._fitting_target(before, reply)
         if reply is None:
             reply = Turn("assistant", [MultimodalInput.text("")], token_ids=[])
-        self._stop_asked.clear()
-        return self._stream(before, reply, target, sampling, max_new_tokens, tuple(stop_strings))
+        self._stop.clear()
+        gen = self._stream(before, reply, target, sampling, max_new_tokens, tuple(stop_strings))
+        return gen if events else _texts(gen)
 
     def _stream(self, before, reply, target, sampling, max_new_tokens, stop_strings):
-        if not self._busy.acquire(blocking=False):
+        if not self.lock.acquire(blocking=False):
             raise EngineError("another action is running on this conversation; stop it first")
         session, finish = None, "stopped"
         try:
-            seed = sampling.seed
-            if seed is None:  # continuing a reply keeps its random stream, so its seed replays it
-                seed = (reply.sampling or {}).get("seed") if reply.token_ids else None
-            if seed is None:
-                seed = random.getrandbits(31)
-            sampling = replace(sampling, seed=seed)
+            # Continuing a reply keeps its random stream, so its recorded seed replays it.
+            sampling = seeded(sampling, (reply.sampling or {}).get("seed") if reply.token_ids else None)
             t0 = time.perf_counter()
             self.last_stats = None
             session = self.session
-            stats = self._move(*target)  # keep the exact prefix, prefill the rest
-            if self._stop_asked.is_set():  # asked while planning; seek/prefill cleared it
-                session.stop()
+            stats = self._residency.move_to(session, *target)  # 1. keep the exact prefix, prefill the rest
             self.turns = before + [reply]
             reply.sampling = sampling.to_dict()
             self.last_stats = stats
+            start = session.position
+            yield Began(tuple(self.turns), start, stats, (reply,), (reply.text,))
             matcher = StopMatcher(stop_strings)
+            stop = self._stop
             finish, n, t_first = "length", 0, None
-            while n < max_new_tokens:  # one token per step
+            while n < max_new_tokens:  # 2. one token per step
+                if stop.is_set():
+                    finish = "stopped"
+                    break
                 try:
                     r = session.decode_one(sampling)
                 except ContextFull:
@@ -490,7 +462,6 @@ class Conversation:
                     finish = "eos" if r.is_eos else "stopped"
                     break
                 n += 1
-                self._keys.append(r.token_id)
                 reply.token_ids.append(r.token_id)
                 reply.token_info.append(self._token_info(session, r))
                 visible, hit = matcher.feed(r.text_piece)
@@ -505,11 +476,11 @@ class Conversation:
                     finish = "stop_string"
                     break
                 if visible:
-                    yield visible
-            tail = "" if finish == "stop_string" else matcher.flush()
+                    yield Piece(visible, start + n, self.last_stats)
+            tail = "" if finish == "stop_string" else matcher.flush()  # 3. text held back for a stop string
             if tail:
                 reply.parts = [MultimodalInput.text(reply.text + tail)]
-                yield tail
+                yield Piece(tail, start + n, self.last_stats)
         except BaseException:
             finish = "stopped"  # closed by the consumer, or an error on its way out
             raise
@@ -518,10 +489,12 @@ class Conversation:
                 if session is not None:
                     if self.last_stats is not None:
                         self.last_stats = replace(self.last_stats, finish_reason=finish)
-                    self._clear_stop(session)
+                    _clear_stop(session)
                     self._update_spans()
             finally:
-                self._busy.release()
+                self.lock.release()
+
+    # ------------------------------------------------------------------ planning
 
     def _check_generation(self, sampling, max_new_tokens, stop_strings) -> None:
         if not isinstance(sampling, SamplingConfig):
@@ -533,7 +506,7 @@ class Conversation:
 
     def _fitting_target(self, before: list[Turn], reply: Turn | None):
         """The target's (keys, pieces); `ContextFull` when it leaves no room for a reply."""
-        target = self._keys_of(self._target(before, reply))
+        target = self._residency.keys_of(self._wanted(before, reply))
         if len(target[0]) >= self.max_context:
             raise ContextFull(
                 f"the conversation needs {len(target[0])} tokens plus room for a reply, but the context is "
@@ -541,35 +514,13 @@ class Conversation:
             )
         return target
 
-    def _path_target(self, path: list[Turn]) -> list[MultimodalInput]:
+    def _wanted_for(self, path: list[Turn]) -> list[MultimodalInput]:
         """What should be resident while `path` is current: its last reply left open."""
         if path and path[-1].role == "assistant":
-            return self._target(path[:-1], path[-1])
-        return self._target(path, None)
+            return self._wanted(path[:-1], path[-1])
+        return self._wanted(path, None)
 
-    def _move(self, keys: list, pieces: list) -> Stats:
-        """Seek to the longest exact resident prefix of the target and prefill the rest."""
-        session = self.session
-        rebuilt = not session.can_seek(session.position)
-        if rebuilt:  # poisoned by a failed forward: rebuild from the transcript
-            session.reset()
-            self._keys = []
-        self._sync_keys()
-        plan = plan_prefix(self._keys, keys, session.can_seek)
-        if plan.fallback:
-            session.reset()
-            self._keys = []
-        else:
-            session.seek(plan.keep)
-            del self._keys[plan.keep:]
-        cached = None
-        if plan.prefill:
-            session.prefill(_slice_inputs(pieces, plan.keep))
-            self._keys.extend(keys[plan.keep:])
-            cached = getattr(session, "last_cached", None)  # a server restart shows here: reused, yet not cached
-        return Stats(plan.keep, plan.prefill, plan.fallback or rebuilt, server_cached=cached)
-
-    def _target(self, before: list[Turn], reply: Turn | None) -> list[MultimodalInput]:
+    def _wanted(self, before: list[Turn], reply: Turn | None) -> list[MultimodalInput]:
         """What should be resident: `before` rendered (with a generation prompt when a
         reply follows) and the reply's exact ids after it."""
         if self.raw:
@@ -591,106 +542,26 @@ class Conversation:
             raise InvalidArgument("nothing to prefill: the conversation renders to no tokens")
         return inputs
 
-    def _keys_of(self, inputs):
-        """Per-position keys of `inputs`, and (input, its ids) pieces."""
-        keys, pieces = [], []
-        for inp in inputs:
-            if inp.kind in ("text", "tokens"):
-                ids = self._tokenize([inp])
-                keys.extend(ids)
-            else:
-                k = inp.key()
-                if k not in self._media_ids:
-                    self._media_ids[k] = self._tokenize([inp])
-                ids = self._media_ids[k]
-                keys.extend(("media", k[1], t) for t in ids)
-            pieces.append((inp, ids))
-        return keys, pieces
+    def _closed(self, turns: list[Turn]) -> list[MultimodalInput]:
+        """`turns` rendered as a finished conversation (no generation prompt)."""
+        if self.raw:
+            return self._wanted(turns, None) if turns else []
+        return self.engine.render([transcript.turn_to_render_message(t) for t in turns],
+                                  add_generation_prompt=False, chat_template=self.chat_template)
 
-    def _sync_keys(self) -> None:
-        """If the session was moved behind our back, trust only its plain ids."""
-        tokens = self.session.tokens
-        plain = [k if isinstance(k, int) else k[2] for k in self._keys]
-        if plain != tokens:
-            self._keys = [("unknown", t) for t in tokens]
-
-    def _tokenize(self, inputs) -> list[int]:
-        return self.engine.tokenize(inputs)
+    def _update_spans(self) -> None:
+        if self._session is None:
+            for t in self.turns:
+                t.span, t.media_spans = None, []
+            return
+        self._spans.assign(self.turns, self.position, (self.raw, self.chat_template), self._closed,
+                           self._wanted, self._residency.keys_of)
 
     def _token_info(self, session, r) -> TokenInfo:
         if not self.top_alternatives or not hasattr(session, "logprob"):
             return TokenInfo(r.token_id, r.text_piece, None)
         top = tuple(session.top_logprobs(self.top_alternatives))
         return TokenInfo(r.token_id, self.engine.decode([r.token_id]), session.logprob(r.token_id), top)
-
-    def _clear_stop(self, session) -> None:
-        """A stream that ends never leaves a stop request behind."""
-        try:
-            session.seek(session.position)
-        except EngineError:
-            pass
-
-    def _update_spans(self) -> None:
-        """Each turn's [start, end) in the KV and its media blocks' spans. Best effort: a
-        template that cannot render a prefix on its own (no user turn yet) leaves spans unset."""
-        for t in self.turns:
-            t.span, t.media_spans = None, []
-        if self._session is None or not self.turns:
-            return
-        try:
-            self._compute_spans()
-        except EngineError:
-            for t in self.turns:
-                t.span, t.media_spans = None, []
-
-    def _compute_spans(self) -> None:
-        """Turn k ends where `turns[:k]` rendered alone ends. That depends only on those
-        turns, so ends are remembered by prefix and only new or changed turns are rendered
-        (rendering every prefix after every action was O(turns^2) in tokens)."""
-        fps = [(self.raw, self.chat_template)] + [_fingerprint(t) for t in self.turns]
-        old_fps, old_ends = self._span_memo
-        same = 0
-        while same < min(len(fps), len(old_fps)) and fps[same] == old_fps[same]:
-            same += 1
-        ends, memo = [], []
-        for k in range(1, len(self.turns) + 1):
-            last = self.turns[k - 1]
-            if k == len(self.turns) and last.role == "assistant":  # its exact ids, not a closed turn
-                ends.append(len(self._keys_of(self._target(self.turns[:-1], last))[0]))
-                memo.append(None)
-                continue
-            end = old_ends[k - 1] if k < same and old_ends[k - 1] is not None else None
-            if end is None:
-                end = len(self._keys_of(self._prefix_render(self.turns[:k]))[0])
-            ends.append(end)
-            memo.append(end)
-        self._span_memo = (fps, memo)
-        start = 0
-        pos = self.position
-        for t, end in zip(self.turns, ends):
-            if end <= pos:
-                t.span = (start, end)
-            start = end
-        self._media_spans()
-
-    def _prefix_render(self, turns):
-        if self.raw:
-            return self._target(turns, None) if turns else []
-        return self.engine.render([transcript.turn_to_render_message(t) for t in turns],
-                                  add_generation_prompt=False, chat_template=self.chat_template)
-
-    def _media_spans(self) -> None:
-        owners = {id(p): t for t in self.turns for p in t.parts if p.kind in ("image", "audio")}
-        if not owners:
-            return
-        last = self.turns[-1]
-        inputs = self._target(self.turns[:-1], last) if last.role == "assistant" else self._prefix_render(self.turns)
-        pos = 0
-        for inp, ids in self._keys_of(inputs)[1]:
-            t = owners.get(id(inp))
-            if t is not None and pos + len(ids) <= self.position:
-                t.media_spans.append((inp.kind, pos, pos + len(ids)))
-            pos += len(ids)
 
     # ------------------------------------------------------------------ validation
 
@@ -709,7 +580,7 @@ class Conversation:
                     f"{self.engine.name} cannot take {p.kind} input; it takes "
                     f"{', '.join(sorted(self.engine.modalities - {'tokens'}))}"
                 )
-        self._tokenize(list(parts))  # validates media now, before anything changes
+        self.engine.tokenize(list(parts))  # validates media now, before anything changes
         return list(parts)
 
     def _check_index(self, i) -> None:
@@ -719,41 +590,55 @@ class Conversation:
     @contextlib.contextmanager
     def _exclusive(self):
         """Hold the action lock for an immediate action (no stream may start meanwhile)."""
-        if not self._busy.acquire(blocking=False):
+        if not self.lock.acquire(blocking=False):
             raise EngineError("another action is running on this conversation; stop it first")
         try:
             yield
         finally:
-            self._busy.release()
+            self.lock.release()
 
     def _not_busy(self) -> None:
-        if self._busy.locked():
+        if self.lock.locked():
             raise EngineError("another action is running on this conversation; stop it first")
 
 
-def _fingerprint(turn: Turn) -> tuple:
-    """Everything about a turn that its render depends on."""
-    return turn.role, tuple(p.key() for p in turn.parts), tuple(turn.token_ids or ())
+def _texts(events):
+    """The public stream: the events' text pieces. Closing it closes the action's stream."""
+    try:
+        for e in events:
+            if type(e) is Piece:
+                yield e.text
+    finally:
+        events.close()
 
 
-def _slice_inputs(pieces, start: int) -> list[MultimodalInput]:
-    """The inputs from position `start` on; text is passed as its exact ids."""
-    out, pos, run = [], 0, []
-    for inp, ids in pieces:
-        end = pos + len(ids)
-        if end > start:
-            if inp.kind in ("text", "tokens"):
-                run.extend(ids[max(0, start - pos):])
-            else:
-                assert pos >= start, "a cut inside a media block"
-                if run:
-                    out.append(MultimodalInput.tokens(run))
-                    run = []
-                out.append(inp)
-        pos = end
-    if run:
-        out.append(MultimodalInput.tokens(run))
-    return out
+def _pairs(events):
+    """The public compare stream: (reply index, text piece)."""
+    try:
+        for e in events:
+            if type(e) is Piece:
+                yield e.reply, e.text
+    finally:
+        events.close()
+
+
+def _capacity(make):
+    """`make()` (create or fork a session); the contract's plain `EngineError` there means
+    no room, raised as `turns.Busy` so callers tell it apart by type."""
+    try:
+        return make()
+    except EngineError as e:
+        if type(e) is EngineError:
+            raise Busy(str(e)) from e
+        raise
+
+
+def _clear_stop(session) -> None:
+    """A stream that ends never leaves a stop request behind."""
+    try:
+        session.seek(session.position)
+    except EngineError:
+        pass
 
 
 def _compare_stats(stats: Stats, replies, progress, t0: float) -> Stats:

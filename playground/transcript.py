@@ -32,8 +32,7 @@ from typing import Callable
 from engines import EngineError, InvalidArgument, MultimodalInput, SamplingConfig
 
 from . import branches
-
-ROLES = ("system", "user", "assistant")
+from .turns import ROLES, Turn, plain_token_info
 
 
 # ---------------------------------------------------------------- rendering
@@ -59,28 +58,30 @@ def turn_to_render_message(turn) -> dict:
 # ---------------------------------------------------------------- export
 
 
-def tree_to_messages(path: list, root, model: dict) -> list[dict]:
-    """The current branch `path` (under `root`) as messages, every alternative included."""
-    return _branch_to_messages(path, root, model, describe_first=True)
+def tree_to_messages(path: list, root, model: dict, encoded: dict | None = None) -> list[dict]:
+    """The current branch `path` (under `root`) as messages, every alternative included.
+    `encoded`: a memo of media already encoded (id(part) -> (part, base64)), so that a
+    conversation exported after every action encodes each medium once."""
+    return _branch_to_messages(path, root, model, True, {} if encoded is None else encoded)
 
 
-def _branch_to_messages(path: list, parent, model: dict, describe_first: bool) -> list[dict]:
+def _branch_to_messages(path: list, parent, model: dict, describe_first: bool, encoded: dict) -> list[dict]:
     out = []
     for j, turn in enumerate(path):
-        m = turn_to_message(turn, model)
+        m = turn_to_message(turn, model, encoded)
         if (j or describe_first) and len(parent.children) > 1:
             m["sibling_index"] = branches.index_of(parent.children, turn)
-            m["siblings"] = [_branch_to_messages(branches.follow(s), parent, model, False)
+            m["siblings"] = [_branch_to_messages(branches.follow(s), parent, model, False, encoded)
                              for s in parent.children if s is not turn]
         out.append(m)
         parent = turn
     if out and parent.children and parent.chosen is None:
-        out[-1]["next_branches"] = [_branch_to_messages(branches.follow(c), parent, model, False)
+        out[-1]["next_branches"] = [_branch_to_messages(branches.follow(c), parent, model, False, encoded)
                                     for c in parent.children]
     return out
 
 
-def turn_to_message(turn, model: dict) -> dict:
+def turn_to_message(turn, model: dict, encoded: dict | None = None) -> dict:
     if turn.role == "assistant":
         return {
             "role": "assistant",
@@ -91,16 +92,19 @@ def turn_to_message(turn, model: dict) -> dict:
         }
     if all(p.kind == "text" for p in turn.parts):
         return {"role": turn.role, "content": turn.text}
-    return {"role": turn.role, "content": [_export_part(p) for p in turn.parts]}
+    encoded = {} if encoded is None else encoded
+    return {"role": turn.role, "content": [_export_part(p, encoded) for p in turn.parts]}
 
 
-def _export_part(p: MultimodalInput) -> dict:
+def _export_part(p: MultimodalInput, encoded: dict) -> dict:
     if p.kind == "text":
         return {"type": "text", "text": p.value}
     if p.kind == "tokens":
         return {"type": "tokens", "ids": list(p.value)}
-    data = _media_bytes(p)
-    return {"type": p.kind, "data": base64.b64encode(data).decode("ascii")}
+    hit = encoded.get(id(p))
+    if hit is None or hit[0] is not p:  # the part is kept with its data, so its id is not reused
+        hit = encoded[id(p)] = (p, base64.b64encode(_media_bytes(p)).decode("ascii"))
+    return {"type": p.kind, "data": hit[1]}
 
 
 def _media_bytes(p: MultimodalInput) -> bytes:
@@ -180,8 +184,6 @@ def _import_branches(engine, m: dict, key: str, label: str, tokenize, notes, par
 
 def _message_to_turn(engine, m, i, tokenize, notes: list, top_first: bool):
     """One message as a Turn; `i` names it in errors and notes."""
-    from .conversation import Turn, plain_token_info
-
     if not isinstance(m, dict) or m.get("role") not in ROLES:
         raise InvalidArgument(f"message {i} needs a role of {', '.join(ROLES)}")
     role = m["role"]

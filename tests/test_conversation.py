@@ -382,9 +382,13 @@ def _spans(conv):
 
 
 def _spans_from_scratch(conv):
-    conv._span_memo = ([], [])
-    conv._update_spans()
-    return _spans(conv)
+    """The spans a fresh conversation computes for the same transcript, its KV rebuilt."""
+    fresh = Conversation.from_messages(conv.engine, conv.to_messages(), chat_template=conv.chat_template)
+    try:
+        assert fresh.position == conv.position
+        return _spans(fresh)
+    finally:
+        fresh.close()
 
 
 @pytest.mark.parametrize("name", ["own", "phi3"])
