@@ -1,4 +1,4 @@
-"""One Conversation per browser tab, with a capacity limit and an idle timeout.
+"""The tab registry: one Conversation per browser tab, a tab limit and an idle timeout.
 
 This module knows nothing of Gradio widgets or tensors: it maps an opaque key
 (the tab's Gradio `session_hash`) to a `Tab` that owns one `Conversation`.
@@ -25,11 +25,9 @@ from typing import Callable
 
 from engines import EngineError
 
+from .turns import Busy  # noqa: F401 - the one "no room" error, the engine's included (re-exported)
+
 log = logging.getLogger(__name__)
-
-
-class Busy(EngineError):
-    """Every session slot is taken; the message says to try again."""
 
 
 class TabBusy(EngineError):
@@ -76,8 +74,12 @@ class Tab:
     raw: bool = False
     system_prompt: str = ""
     last_used: float = field(default_factory=time.monotonic)
-    # Held for the whole of an action (a stream included): one action per tab.
-    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def lock(self) -> threading.Lock:
+        """The conversation's action lock: one action per tab. A conversation that replaces
+        this one (import, raw toggle) is made with the same lock."""
+        return self.conv.lock
 
     @property
     def streaming(self) -> bool:
@@ -147,13 +149,14 @@ def close_conversation(conv) -> None:
         session.close()
 
 
-class SessionManager:
+class TabRegistry:
     """Maps tab keys to `Tab`s on one engine.
 
     Args:
         engine: the shared engine (only passed through to `make_conversation`).
-        make_conversation: `(engine, messages|None, system_prompt, raw) -> Conversation`.
-        max_sessions: how many tabs may hold a conversation at once.
+        make_conversation: `(engine, messages|None, system_prompt, raw, lock) -> Conversation`.
+        max_sessions: how many tabs may hold a conversation at once (the deployment's limit, at
+            most the engine's; a session the engine refuses is the same `Busy`).
         idle_timeout_s: a tab idle this long (and not streaming) is freed by `sweep`.
     """
 
@@ -206,14 +209,14 @@ class SessionManager:
                     "try again in a minute (idle tabs are freed after "
                     f"{int(self.idle_timeout_s)} s)"
                 )
-            conv = self.make_conversation(self.engine, messages, system_prompt, raw)
+            conv = self.make_conversation(self.engine, messages, system_prompt, raw, threading.Lock())
             tab = Tab(key, conv, raw=raw, system_prompt=system_prompt)
             self._tabs[key] = tab
             return tab
 
     def replace(self, tab: Tab, messages: list | None, system_prompt: str, raw: bool) -> None:
         """Give `tab` a new conversation (import, raw toggle, new system prompt)."""
-        new = self.make_conversation(self.engine, messages, system_prompt, raw)
+        new = self.make_conversation(self.engine, messages, system_prompt, raw, tab.lock)
         old, tab.conv = tab.conv, new
         tab.raw, tab.system_prompt = raw, system_prompt
         close_conversation(old)
@@ -339,3 +342,6 @@ class SessionManager:
         self._stop_reaper.set()
         for key in self.keys():
             self.close(key)
+
+
+SessionManager = TabRegistry  # its former name

@@ -1,4 +1,4 @@
-"""`playground.ahead.Ahead`: the producer never waits for the consumer, the
+"""`playground.ui.background.BackgroundStream`: the producer never waits for the consumer, the
 consumer sees every item's effect, errors and closing are handed over, and
 cancelling the consumer interrupts its waits at once."""
 
@@ -8,12 +8,14 @@ import time
 
 import pytest
 
-from playground.ahead import Ahead
+from playground.ui.background import BackgroundStream
 
 
 async def collect(ahead, on_each=None):
+    """The count of items produced so far at each wake-up."""
     counts = []
-    async for c in ahead:
+    async for new in ahead:
+        c = (counts[-1] if counts else 0) + len(new)
         counts.append(c)
         if on_each is not None:
             await on_each(c)
@@ -37,7 +39,7 @@ def test_producer_runs_ahead_of_a_blocked_consumer_and_renders_coalesce():
         if c < 50:
             await asyncio.to_thread(done.wait, 10)
 
-    counts = asyncio.run(collect(Ahead(counting(50, done, log), stop=lambda: None), slow_render))
+    counts = asyncio.run(collect(BackgroundStream(counting(50, done, log), stop=lambda: None), slow_render))
     assert done.is_set()
     assert counts[-1] == 50
     assert len(counts) <= 2  # one wake-up covered everything produced during the first render
@@ -51,7 +53,7 @@ def slow(n, step_s=0.005):
 
 
 def test_min_interval_bounds_the_number_of_wake_ups():
-    counts = asyncio.run(collect(Ahead(slow(40), stop=lambda: None, min_interval=0.05)))
+    counts = asyncio.run(collect(BackgroundStream(slow(40), stop=lambda: None, min_interval=0.05)))
     assert counts[-1] == 40
     assert len(counts) < 20  # 40 items at ~5 ms each, at most one wake-up per 50 ms
 
@@ -61,7 +63,7 @@ def test_share_spaces_wake_ups_by_the_consumers_own_cost():
         time.sleep(0.02)  # a 20 ms render (blocking, as Gradio's postprocess is)
 
     t0 = time.monotonic()
-    counts = asyncio.run(collect(Ahead(slow(60), stop=lambda: None, share=0.25), render))
+    counts = asyncio.run(collect(BackgroundStream(slow(60), stop=lambda: None, share=0.25), render))
     elapsed = time.monotonic() - t0
     assert counts[-1] == 60
     # Each render of 20 ms is followed by at least 60 ms without one.
@@ -77,12 +79,12 @@ def test_the_generators_error_reaches_the_consumer_after_its_items():
     seen = []
 
     async def consume():
-        async for c in Ahead(failing(), stop=lambda: None):
+        async for c in BackgroundStream(failing(), stop=lambda: None):
             seen.append(c)
 
     with pytest.raises(ValueError, match="bad step"):
         asyncio.run(consume())
-    assert seen[-1] == 2
+    assert seen[-1][-1] == 2  # the last item, in the last batch
 
 
 def endless(stop_asked: threading.Event, log: list):
@@ -98,7 +100,7 @@ def endless(stop_asked: threading.Event, log: list):
 
 def test_close_asks_the_generator_to_stop_and_waits_for_it():
     stop_asked, log = threading.Event(), []
-    ahead = Ahead(endless(stop_asked, log), stop=stop_asked.set)
+    ahead = BackgroundStream(endless(stop_asked, log), stop=stop_asked.set)
     ahead.close()
     assert stop_asked.is_set()
     assert log == ["finished"]  # the generator has wound down before close() returned
@@ -106,7 +108,7 @@ def test_close_asks_the_generator_to_stop_and_waits_for_it():
 
 def test_cancelling_the_consumer_interrupts_a_paced_wait_at_once():
     stop_asked, log = threading.Event(), []
-    ahead = Ahead(endless(stop_asked, log), stop=stop_asked.set, min_interval=30.0)
+    ahead = BackgroundStream(endless(stop_asked, log), stop=stop_asked.set, min_interval=30.0)
 
     async def main():
         task = asyncio.create_task(collect(ahead))
@@ -124,7 +126,7 @@ def test_cancelling_the_consumer_interrupts_a_paced_wait_at_once():
 
 def test_close_after_the_end_does_not_call_stop():
     calls = []
-    ahead = Ahead(iter(range(3)), stop=lambda: calls.append(1))
+    ahead = BackgroundStream(iter(range(3)), stop=lambda: calls.append(1))
     assert asyncio.run(collect(ahead))[-1] == 3
     ahead.close()
     assert calls == []

@@ -39,7 +39,7 @@ from engines.media import media_limits, set_media_limits
 from playground import Conversation
 from playground.sessions import RateLimit
 from tests.tiny_models import image as noisy_image, tiny_engine, tone
-from tests.ui_harness import GREEDY, reply_text, running_app, wait_until
+from tests.ui_harness import GREEDY, reply_text, running_app, shown, wait_until
 
 CASE_LIMIT_S = 10.0
 GREEDY_CFG = SamplingConfig()
@@ -496,7 +496,7 @@ def run_ui_cases(c: Client, demo, cases, tmp: Path, problems: list, tally: dict)
         elapsed = time.perf_counter() - t0
         tally.setdefault("slowest", []).append((round(elapsed, 2), case.id))
         tab = demo.sessions.get(c.session_hash)
-        status = out[2]
+        status = shown(out).status
         refused = status[2:].strip() if status.startswith("⚠") else None
         tally["refused" if refused is not None else "accepted"] += 1
         problem = outcome_problem(case.id, case.expect, refused, case.match, elapsed)
@@ -505,8 +505,8 @@ def run_ui_cases(c: Client, demo, cases, tmp: Path, problems: list, tally: dict)
         if refused is not None:
             if path.name not in refused and not re.search(r"input \d+", refused):
                 problems.append(f"{case.id}: the message names neither the file nor the input: {refused!r}")
-            if out[1] != UNCHANGED:
-                problems.append(f"{case.id}: refused, but the box was changed (typed text lost): {out[1]!r}")
+            if shown(out).box != UNCHANGED:
+                problems.append(f"{case.id}: refused, but the box was changed (typed text lost): {shown(out).box!r}")
             if tab is not None and [(t.role, t.text) for t in tab.conv.turns] != before:
                 problems.append(f"{case.id}: refused, but the conversation changed")
         else:
@@ -515,8 +515,8 @@ def run_ui_cases(c: Client, demo, cases, tmp: Path, problems: list, tally: dict)
             tab.conv.reset()  # room for the next case (the UI's Reset is tested elsewhere)
     # The server is alive and the tab still works.
     out = ui_call(c, "/send", {"text": "still there?", "files": []})
-    if out[2].startswith("⚠") or not reply_text(out[0]):
-        problems.append(f"after the cases the tab no longer answers: {out[2]!r}")
+    if shown(out).status.startswith("⚠") or not reply_text(shown(out).chat):
+        problems.append(f"after the cases the tab no longer answers: {shown(out).status!r}")
 
 
 @pytest.mark.parametrize("kind", ["image", "audio"])
@@ -704,7 +704,7 @@ def test_malformed_transcripts_through_the_ui(engines_, apps, tmp_path):
                 continue
             elapsed = time.perf_counter() - t0
             tab = demo.sessions.get(c.session_hash)
-            refused = out[2][2:].strip() if out[2].startswith("⚠") else None
+            refused = shown(out).status[2:].strip() if shown(out).status.startswith("⚠") else None
             tally["refused" if refused is not None else "accepted"] += 1
             problem = outcome_problem(case_id, "accept" if expect == "note" else expect, refused, match, elapsed)
             if problem:
@@ -713,8 +713,8 @@ def test_malformed_transcripts_through_the_ui(engines_, apps, tmp_path):
                 problems.append(f"{case_id}: refused, but the tab's conversation changed")
             if refused is None:  # accepted: the tab answers, then gets its conversation back
                 out = ui_call(c, "/send", {"text": "and now?", "files": []})
-                if out[2].startswith("⚠") and "context is full" not in out[2]:
-                    problems.append(f"{case_id}: after the import the tab fails: {out[2]!r}")
+                if shown(out).status.startswith("⚠") and "context is full" not in shown(out).status:
+                    problems.append(f"{case_id}: after the import the tab fails: {shown(out).status!r}")
                 ui_call(c, "/reset")
                 ui_call(c, "/send", {"text": "keep me", "files": []})
                 kept = [(t.role, t.text) for t in demo.sessions.get(c.session_hash).conv.turns]
@@ -857,7 +857,7 @@ def test_absurd_api_arguments_through_the_ui(apps):
                 out = c.predict(*args, "", False, EMPTY_STORE, api_name=api)
             else:
                 out = ui_call(c, api, *args, **params)
-            text, ok = out[2], out[2].startswith("⚠")
+            text, ok = shown(out).status, shown(out).status.startswith("⚠")
         except Exception as e:  # noqa: BLE001 - Gradio's own checks answer with an error message
             text, ok = str(e), True
         if not ok:
@@ -871,14 +871,14 @@ def test_absurd_api_arguments_through_the_ui(apps):
     # A junk browser-stored transcript does not lock a new tab out.
     d = Client(url, verbose=False, download_files=False)
     out = ui_call(d, "/send", hi, stored="junk")
-    if out[2].startswith("⚠"):
-        problems.append(f"stored=junk: {out[2]!r}")
+    if shown(out).status.startswith("⚠"):
+        problems.append(f"stored=junk: {shown(out).status!r}")
     out = ui_call(d, "/send", hi, stored={"messages": [{"role": "wizard"}]})
-    if out[2].startswith("⚠"):
-        problems.append(f"stored with a bad role: {out[2]!r}")
+    if shown(out).status.startswith("⚠"):
+        problems.append(f"stored with a bad role: {shown(out).status!r}")
     out = ui_call(c, "/send", hi)
-    if out[2].startswith("⚠"):
-        problems.append(f"after the cases the tab fails: {out[2]!r}")
+    if shown(out).status.startswith("⚠"):
+        problems.append(f"after the cases the tab fails: {shown(out).status!r}")
     print(f"\napi: {len(cases) + 3} cases through the UI")
     assert not problems, "\n".join(problems)
 
@@ -921,8 +921,8 @@ def check_follow_up(c: Client, demo, problems: list, case_id: str) -> None:
     out = c.predict({"text": "Say yes.", "files": []}, api_name="/send", **{**GREEDY, "max_new": 4,
                                                                              "stored": EMPTY_STORE})
     tab = demo.sessions.get(c.session_hash)
-    if out[2].startswith("⚠") or "Stopped" in out[2] or tab.conv.last_stats.finish_reason == "stopped":
-        problems.append(f"{case_id}: the next Send did not run normally: {out[2]!r}")
+    if shown(out).status.startswith("⚠") or "Stopped" in shown(out).status or tab.conv.last_stats.finish_reason == "stopped":
+        problems.append(f"{case_id}: the next Send did not run normally: {shown(out).status!r}")
 
 
 def stop_right_after_first_send(url, demo, delay: float, case_id: str, problems: list, took: list) -> None:
@@ -938,11 +938,11 @@ def stop_right_after_first_send(url, demo, delay: float, case_id: str, problems:
         return
     took.append(time.perf_counter() - t0)
     tab = demo.sessions.get(c.session_hash)
-    status = out[2]
+    status = shown(out).status
     if status.startswith("⚠"):
         problems.append(f"{case_id}: error status {status!r}")
     elif status.startswith("Stopped before it started"):  # pre-empted: nothing sent, the box untouched
-        if out[1] != UNCHANGED or (tab is not None and tab.conv.turns):
+        if shown(out).box != UNCHANGED or (tab is not None and tab.conv.turns):
             problems.append(f"{case_id}: pre-empted, but the box or the conversation changed")
     else:  # it had started: the message is in the conversation, the reply stopped early
         turns = tab.conv.turns
@@ -999,8 +999,8 @@ def test_fifty_rapid_stops_and_stops_before_the_tab_exists(stop_app):
     for t in threads:
         t.join(CASE_LIMIT_S)
     took = time.perf_counter() - t0
-    if errors or took > CASE_LIMIT_S or out[2].startswith("⚠"):
-        problems.append(f"50 Stops while streaming: {len(errors)} failed, {took:.1f} s, status {out[2]!r}")
+    if errors or took > CASE_LIMIT_S or shown(out).status.startswith("⚠"):
+        problems.append(f"50 Stops while streaming: {len(errors)} failed, {took:.1f} s, status {shown(out).status!r}")
     if demo.sessions.get(c.session_hash).conv.last_stats.finish_reason != "stopped":
         problems.append("50 Stops while streaming: the reply was not stopped")
     check_follow_up(c, demo, problems, "after 50 Stops while streaming")
@@ -1021,8 +1021,8 @@ def test_fifty_rapid_stops_and_stops_before_the_tab_exists(stop_app):
     e = Client(url, verbose=False, download_files=False)
     e.predict(api_name="/stop")
     out = e.predict(LONG, api_name="/send", **{**GREEDY, "max_new": MAX_NEW, "stored": EMPTY_STORE})
-    if not out[2].startswith("Stopped before it started") or out[1] != UNCHANGED:
-        problems.append(f"a Send racing a Stop: {out[2]!r}, box {out[1]!r}")
+    if not shown(out).status.startswith("Stopped before it started") or shown(out).box != UNCHANGED:
+        problems.append(f"a Send racing a Stop: {shown(out).status!r}, box {shown(out).box!r}")
     demo.sessions.close(e.session_hash)
     print(f"\n50 Stops while streaming: the stream ended and the storm returned in {took:.2f} s")
     assert not problems, "\n".join(problems)
@@ -1072,7 +1072,7 @@ def test_rate_limit_and_prompt_limit(engines_):
         for t in threads:
             t.join(CASE_LIMIT_S)
         took = time.perf_counter() - t0
-        assert not out[2].startswith("⚠"), out[2]
+        assert not shown(out).status.startswith("⚠"), shown(out).status
         limited = [s for s in statuses if "Too many actions in this tab" in s]
         assert len(statuses) == 16 and len(limited) >= 8, statuses
         waits = [float(m.group(1)) for s in limited
@@ -1084,8 +1084,8 @@ def test_rate_limit_and_prompt_limit(engines_):
         for text, match in (("word " * 100, r"The message is \d+ tokens .*over the limit of 32 tokens per message"),
                             ("x" * 5000, r"The message is 5,000 characters long, far over the limit of 32 tokens")):
             out = ui_call(b, "/send", {"text": text, "files": []})
-            assert re.search(match, out[2]), out[2]
-            assert out[1] == UNCHANGED, "the typed text was not kept"
+            assert re.search(match, shown(out).status), shown(out).status
+            assert shown(out).box == UNCHANGED, "the typed text was not kept"
         assert [t.role for t in demo.sessions.get(b.session_hash).conv.turns] == ["user", "assistant"]
 
 

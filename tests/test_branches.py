@@ -319,7 +319,6 @@ def test_fork_of_a_multimodal_session_keeps_its_media_state():
 EMPTY = {"messages": []}
 CMP = dict(n=3, t1=1.0, s1=11, t2=1.0, s2=12, t3=0.7, s3=13, t4=1.0, s4=14, top_p=1.0, top_k=0, rep=1.0, stops="",
            system_prompt="", raw=False)
-PANEL, STORED = 6, -1  # output positions gradio_client returns (buttons give none)
 
 
 @pytest.fixture(scope="module")
@@ -351,39 +350,39 @@ def ui_compare(c, text="", store=EMPTY, max_new=8, **kw):
 def test_ui_switch_compare_keep_reload_and_import(app, ui, engine):
     from gradio_client import Client, handle_file
 
-    from tests.ui_harness import GREEDY, gauge, reply_text, stats_text
+    from tests.ui_harness import GREEDY, gauge, reply_text, shown, stats_text
 
     ui.predict({"text": "Name a fruit.", "files": []}, api_name="/send", **GREEDY, max_new=6, stored=EMPTY)
     conv = conv_of(app, ui)
     shared = conv.position - len(conv.turns[1].token_ids)
     out = ui.predict(api_name="/regenerate", **{**GREEDY, "temperature": 1.0, "seed": 5}, max_new=6, stored=EMPTY)
-    assert "data-nav='[[1, 1, 1, 2]]'" in out[3] and "2/2" in out[3]  # chat message 1 = turn 1, at 2 of 2
+    assert "data-nav='[[1, 1, 1, 2]]'" in shown(out).context and "2/2" in shown(out).context  # chat message 1 = turn 1, at 2 of 2
 
     out = ui.predict(1, 0, "", False, EMPTY, api_name="/switch")
-    assert conv.sibling_index(1) == 0 and reply_text(out[0]) == conv.turns[1].text
+    assert conv.sibling_index(1) == 0 and reply_text(shown(out).chat) == conv.turns[1].text
     assert conv.session.tokens == oracle_tokens(engine, conv)
-    assert gauge(out[3])[0] == conv.position  # the gauge and the token view follow the branch
-    assert out[4].count("data-tok=") == len(conv.turns[1].token_ids)
-    assert f"reused {conv.last_stats.reused} · prefilled {conv.last_stats.prefilled}" in stats_text(out[3])
+    assert gauge(shown(out).context)[0] == conv.position  # the gauge and the token view follow the branch
+    assert shown(out).tokens.count("data-tok=") == len(conv.turns[1].token_ids)
+    assert f"reused {conv.last_stats.reused} · prefilled {conv.last_stats.prefilled}" in stats_text(shown(out).context)
     assert conv.last_stats.reused >= shared
 
     out = ui_compare(ui)  # an empty box: the last message, answered three more ways
     replies = conv.last_compare[1]
-    assert out[PANEL].count("class='cmp-col") == 3 and "Compared 3 replies" in out[2]
-    assert "compare ×3: one prefill, forked" in stats_text(out[3])
-    assert all(html_text(r.text) in out[PANEL] for r in replies)
+    assert shown(out).compare.count("class='cmp-col") == 3 and "Compared 3 replies" in shown(out).status
+    assert "compare ×3: one prefill, forked" in stats_text(shown(out).context)
+    assert all(html_text(r.text) in shown(out).compare for r in replies)
     assert conv.siblings(1)[2:] == [r.text for r in replies] and conv.sibling_index(1) == 2
 
     out = ui.predict(2, "", False, EMPTY, api_name="/keep")
-    assert conv.turns[1] is replies[2] and reply_text(out[0]) == replies[2].text and "Kept reply 3" in out[2]
-    store = out[STORED]
+    assert conv.turns[1] is replies[2] and reply_text(shown(out).chat) == replies[2].text and "Kept reply 3" in shown(out).status
+    store = shown(out).stored
     assert store["messages"][1]["sibling_index"] == 4 and len(store["messages"][1]["siblings"]) == 4
 
     reloaded = Client(app[0], verbose=False)  # a reloaded page: a new session with the stored transcript
     out = reloaded.predict(1, 0, "", False, store, api_name="/switch")
     back = conv_of(app, reloaded)
     assert back.siblings(1) == conv.siblings(1) and back.sibling_index(1) == 0
-    assert back.session.tokens == oracle_tokens(engine, back) and "data-nav='[[1, 1, 0, 5]]'" in out[3]
+    assert back.session.tokens == oracle_tokens(engine, back) and "data-nav='[[1, 1, 0, 5]]'" in shown(out).context
     app[1].sessions.close(reloaded.session_hash)
 
     imported = Client(app[0], verbose=False)
@@ -399,7 +398,7 @@ def html_text(text: str) -> str:
 
 @pytest.mark.parametrize("engine", ["transformers"], indirect=True)  # Stop and capacity: both in the API tests
 def test_ui_stop_during_compare_and_the_capacity_limit(app, ui, engine):
-    from tests.ui_harness import GREEDY, wait_until
+    from tests.ui_harness import GREEDY, shown, wait_until
 
     ui.predict({"text": "Count from one to fifty in words.", "files": []}, api_name="/send", **GREEDY, max_new=2,
                stored=EMPTY)
@@ -425,7 +424,7 @@ def test_ui_stop_during_compare_and_the_capacity_limit(app, ui, engine):
                 held.append(engine.create_session())
         before = tree(conv)
         out = ui_compare(ui)
-        assert "busy" in out[2] and "compare fewer replies" in out[2] and tree(conv) == before
+        assert "busy" in shown(out).status and "compare fewer replies" in shown(out).status and tree(conv) == before
     finally:
         for s in held:
             s.close()

@@ -25,7 +25,7 @@ from gradio_client import Client
 
 from engines import load_engine
 from playground import transcript
-from tests.ui_harness import GREEDY, reply_text, running_app, wait_until
+from tests.ui_harness import GREEDY, reply_text, running_app, shown, wait_until
 
 pytestmark = pytest.mark.load
 
@@ -97,10 +97,10 @@ class Tab:
         return out
 
     def check(self, api, out, stream):
-        status = out[2] if isinstance(out[2], str) else ""
+        status = shown(out).status if isinstance(shown(out).status, str) else ""
         if status.startswith("⚠"):
             self.problems.append(f"tab {self.i} {api}: error status {status!r}")
-        self.no_cross_talk(api, out[0], out[-1])
+        self.no_cross_talk(api, shown(out).chat, shown(out).stored)
         tab = self.server
         if tab is None or not stream:
             return
@@ -110,12 +110,12 @@ class Tab:
             return
         if conv.turns and conv.turns[-1].role == "assistant" and "Stopped before" not in status:
             last = conv.turns[-1]
-            if reply_text(out[0]).strip() != (last.text.strip() or "…"):
-                self.problems.append(f"tab {self.i} {api}: the client shows {reply_text(out[0])!r}, "
+            if reply_text(shown(out).chat).strip() != (last.text.strip() or "…"):
+                self.problems.append(f"tab {self.i} {api}: the client shows {reply_text(shown(out).chat)!r}, "
                                      f"the server holds {last.text!r}")
             if conv.session.tokens != expected_tape(self.engine, conv):
                 self.problems.append(f"tab {self.i} {api}: the KV tape differs from the conversation")
-            stored = out[-1] if isinstance(out[-1], dict) else {}
+            stored = shown(out).stored if isinstance(shown(out).stored, dict) else {}
             ids = [m.get("token_ids") for m in stored.get("messages", []) if m.get("role") == "assistant"]
             if ids != [t.token_ids for t in conv.turns if t.role == "assistant"]:
                 self.problems.append(f"tab {self.i} {api}: stored reply ids differ from the server's")
@@ -275,6 +275,6 @@ def test_many_tabs_random_actions_no_cross_talk_and_prompt_stop(app):
         print("  ", p)
     assert not problems, f"{len(problems)} problems, first: {problems[:5]}"
     assert len(stops) >= 2 * N_TABS
-    assert not out[2].startswith("⚠") and reply_text(out[0]) and fresh_tab is not None
+    assert not shown(out).status.startswith("⚠") and reply_text(shown(out).chat) and fresh_tab is not None
     assert fresh_tab.conv.turns[-1].role == "assistant" and fresh_tab.conv.turns[-1].token_ids
     assert p95 <= STOP_P95_S, f"Stop p95 {p95:.2f} s with {N_TABS} tabs streaming (p50 {p50:.2f} s)"

@@ -15,7 +15,7 @@ import soundfile
 from gradio_client import Client, handle_file
 
 from tests.cases import ENGINES
-from tests.ui_harness import GREEDY, gauge, reply_text, running_app, stats_text, wait_until
+from tests.ui_harness import GREEDY, gauge, reply_text, running_app, stats_text, shown, wait_until
 
 UNCHANGED = {"__type__": "update"}  # what a client sees for a widget the handler left alone
 EMPTY_STORE = {"messages": []}
@@ -73,7 +73,7 @@ def test_streaming_grows_and_panel_matches_server(app):
     c = client(app)
     job = c.submit({"text": "Name three fruits.", "files": []}, api_name="/send", **GREEDY, max_new=24,
                    stored=EMPTY_STORE)
-    lengths = [len(reply_text(out[0])) for out in job]
+    lengths = [len(reply_text(shown(out).chat)) for out in job]
     final = job.outputs()[-1]
     grown = [n for n in lengths if n > 0]
     assert len(set(grown)) >= 3, f"the reply did not stream (lengths {lengths})"
@@ -81,18 +81,18 @@ def test_streaming_grows_and_panel_matches_server(app):
     tab = tab_of(app, c)
     conv = tab.conv
     assert [t.role for t in conv.turns] == ["user", "assistant"]
-    assert reply_text(final[0]) == conv.turns[-1].text
-    pos, cap = gauge(final[3])
+    assert reply_text(shown(final).chat) == conv.turns[-1].text
+    pos, cap = gauge(shown(final).context)
     assert (pos, cap) == (conv.position, conv.max_context) and pos > 0
-    stats = stats_text(final[3])
+    stats = stats_text(shown(final).context)
     assert f"reused {conv.last_stats.reused} · prefilled {conv.last_stats.prefilled}" in stats
     assert "TTFT" in stats and f"finish: {conv.last_stats.finish_reason}" in stats
     # The token view shows one chip per generated token.
-    assert final[4].count("data-tok=") == len(conv.turns[-1].token_ids)
+    assert shown(final).tokens.count("data-tok=") == len(conv.turns[-1].token_ids)
     # The transcript for page reloads (BrowserState) is the conversation's export.
-    assert final[-1]["messages"] == conv.to_messages()
+    assert shown(final).stored["messages"] == conv.to_messages()
     # The box is cleared once the message is accepted.
-    assert any(out[1] == {"text": "", "files": []} for out in job.outputs())
+    assert any(shown(out).box == {"text": "", "files": []} for out in job.outputs())
 
 
 def test_cancel_stops_server_generation_quickly(app):
@@ -168,7 +168,7 @@ def test_regenerate_reuses_the_prefix(app):
     again = call(c, "/regenerate")
     assert conv.last_stats.reused == start and conv.last_stats.prefilled == 0
     assert conv.turns[-1].token_ids == ids, "a greedy regenerate must reproduce the reply"
-    assert reply_text(again[0]) == reply_text(first[0])
+    assert reply_text(shown(again).chat) == reply_text(shown(first).chat)
     one = reply_text(call(c, "/regenerate", max_new=24, temperature=1.0, top_p=1.0, seed=1)[0])
     assert conv.turns[-1].sampling["seed"] == 1
     two = reply_text(call(c, "/regenerate", max_new=24, temperature=1.0, top_p=1.0, seed=2)[0])
@@ -186,8 +186,8 @@ def test_edit_replaces_turn_and_prefills_from_it(app):
     assert [t.role for t in conv.turns] == ["user", "assistant", "user", "assistant"]
     assert conv.turns[2].text == "Say hello to me."
     assert conv.last_stats.reused >= edited_start and conv.last_stats.reused < conv.turns[2].span[1]
-    assert reply_text(out[0]) == conv.turns[3].text
-    assert out[0][2]["content"][0]["text"] == "Say hello to me."
+    assert reply_text(shown(out).chat) == conv.turns[3].text
+    assert shown(out).chat[2]["content"][0]["text"] == "Say hello to me."
 
 
 def test_rewind_then_continue_and_step(app):
@@ -200,15 +200,15 @@ def test_rewind_then_continue_and_step(app):
     assert len(ids) >= 6
     out = call(c, "/rewind", 1, 3)
     assert conv.turns[-1].token_ids == ids[:3]
-    assert gauge(out[3])[0] == start + 3 == conv.position  # the gauge shows the rewind
-    assert "Rewound" in out[2]
+    assert gauge(shown(out).context)[0] == start + 3 == conv.position  # the gauge shows the rewind
+    assert "Rewound" in shown(out).status
     out = call(c, "/continue", max_new=20)
     assert conv.last_stats.reused == start + 3 and conv.last_stats.prefilled == 0  # nothing re-read
     assert conv.turns[-1].token_ids[:3] == ids[:3] and len(conv.turns[-1].token_ids) > 3
     call(c, "/rewind", 1, 4)
     out = call(c, "/step")
     assert len(conv.turns[-1].token_ids) == 5, "Step must decode exactly one token"
-    assert gauge(out[3])[0] == start + 5
+    assert gauge(shown(out).context)[0] == start + 5
 
 
 def test_undo_and_reset(app):
@@ -217,16 +217,16 @@ def test_undo_and_reset(app):
     send(c, "Tell me a joke.")
     conv = tab_of(app, c).conv
     out = call(c, "/undo")
-    assert len(conv.turns) == 2 and out[1]["text"] == "Tell me a joke."  # the message is back in the box
+    assert len(conv.turns) == 2 and shown(out).box["text"] == "Tell me a joke."  # the message is back in the box
     out = call(c, "/reset")
-    assert out[0] == [] and conv.turns == [] and gauge(out[3])[0] == 0
-    assert out[-1]["messages"] == []
+    assert shown(out).chat == [] and conv.turns == [] and gauge(shown(out).context)[0] == 0
+    assert shown(out).stored["messages"] == []
 
 
 def test_reload_restores_transcript_and_rebuilds_kv(app):
     c = client(app)
     out = send(c, "Remember the number 42.")
-    store = out[-1]
+    store = shown(out).stored
     old = tab_of(app, c).conv
     reply_ids = list(old.turns[-1].token_ids)
     d = client(app)  # a reloaded page is a new session with the stored transcript
@@ -246,11 +246,11 @@ def test_export_import_roundtrip(app, tmp_path):
     conv_c, conv_d = tab_of(app, c).conv, tab_of(app, d).conv
     assert [t.text for t in conv_d.turns] == [t.text for t in conv_c.turns]
     assert conv_d.turns[-1].token_ids == conv_c.turns[-1].token_ids
-    assert "imported" in out[2]
+    assert "imported" in shown(out).status
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     out = d.predict(handle_file(str(bad)), "", False, EMPTY_STORE, api_name="/import")
-    assert "not valid JSON" in out[2] and len(conv_d.turns) == 2
+    assert "not valid JSON" in shown(out).status and len(conv_d.turns) == 2
 
 
 def test_raw_mode_prefills_text_as_is(app, smol):
@@ -258,7 +258,7 @@ def test_raw_mode_prefills_text_as_is(app, smol):
 
     c = client(app)
     out = c.predict(True, "", api_name="/set_raw")
-    assert "Raw mode" in out[2]
+    assert "Raw mode" in shown(out).status
     send(c, "The capital of France is", raw=True, max_new=6)
     conv = tab_of(app, c).conv
     assert conv.raw
@@ -310,9 +310,9 @@ def test_two_clients_are_isolated_and_never_block_each_other(app):
     assert time.perf_counter() - t0 < 3.0, "another user's generation froze this tab"
     for t in threads:
         t.join(120)
-    assert results["a"][0][0]["content"][0]["text"] == "Say something about apples."
-    assert results["b"][0][0]["content"][0]["text"] == "Say something about boats."
-    assert len(results["a"][0]) == len(results["b"][0]) == 2
+    assert shown(results["a"]).chat[0]["content"][0]["text"] == "Say something about apples."
+    assert shown(results["b"]).chat[0]["content"][0]["text"] == "Say something about boats."
+    assert len(shown(results["a"]).chat) == len(shown(results["b"]).chat) == 2
     ta, tb = tab_of(app, a), tab_of(app, b)
     assert ta.conv is not tb.conv and ta.conv.session is not tb.conv.session
     assert ta.conv.turns[0].text != tb.conv.turns[0].text
@@ -323,11 +323,11 @@ def test_max_sessions_gives_a_busy_message(app):
     send(a, "Hi.", max_new=2)
     send(b, "Hi.", max_new=2)
     out = send(c, "Hello?", max_new=2)
-    assert "busy" in out[2] and "try again" in out[2]
-    assert out[1] == UNCHANGED and tab_of(app, c) is None
+    assert "busy" in shown(out).status and "try again" in shown(out).status
+    assert shown(out).box == UNCHANGED and tab_of(app, c) is None
     app[1].sessions.close(a.session_hash)  # a tab goes away (demo.unload) ...
     out = send(c, "Hello?", max_new=2)  # ... and its slot is free again
-    assert tab_of(app, c) is not None and "busy" not in out[2]
+    assert tab_of(app, c) is not None and "busy" not in shown(out).status
 
 
 def test_idle_tabs_are_swept(app):
@@ -344,9 +344,9 @@ def test_idle_tabs_are_swept(app):
 
 def _assert_rejected(app, c, out, *words):
     for w in words:
-        assert w in out[2], out[2]
-    assert "Traceback" not in out[2]
-    assert out[1] == UNCHANGED, "the typed text must stay in the box"
+        assert w in shown(out).status, shown(out).status
+    assert "Traceback" not in shown(out).status
+    assert shown(out).box == UNCHANGED, "the typed text must stay in the box"
     tab = tab_of(app, c)
     assert tab is None or tab.conv.turns == []
 
@@ -395,9 +395,9 @@ def test_message_too_long_for_the_context(app):
 def test_bad_actions_give_messages(app):
     c = client(app)
     out = call(c, "/continue")
-    assert "no reply to continue" in out[2]
+    assert "no reply to continue" in shown(out).status
     out = call(c, "/rewind", 5, 0)
-    assert "turn index" in out[2]
+    assert "turn index" in shown(out).status
     out = call(c, "/send", {"text": "hi", "files": []}, max_new=16, seed=-1, stops="\n\n")
     assert conv_ok(app, c)
 
@@ -446,13 +446,13 @@ def test_media_reaches_a_multimodal_model(family, kind, tmp_path):
         c = Client(url, verbose=False)
         out = c.predict({"text": "What is this?", "files": [handle_file(str(f))]}, api_name="/send",
                         **{**GREEDY, "max_new": 4, "stored": EMPTY_STORE})
-        assert "⚠️" not in out[2], out[2]
+        assert "⚠️" not in shown(out).status, shown(out).status
         conv = demo.sessions.get(c.session_hash).conv
         user = conv.turns[-2]
         assert [p.kind for p in user.parts] == [kind, "text"]
         assert conv.turns[-1].role == "assistant" and conv.last_stats.finish_reason is not None
         (mkind, start, end), = user.media_spans
         assert mkind == kind and user.span[0] <= start < end <= user.span[1]
-        assert f"{kind} {start}–{end}" in out[3]  # the context panel lists the media span
-        shown = [part for msg in out[0] if msg["role"] == "user" for part in msg["content"]]
-        assert any(part.get("type") == "file" for part in shown), "the chat should show the upload"
+        assert f"{kind} {start}–{end}" in shown(out).context  # the context panel lists the media span
+        uploads = [part for msg in shown(out).chat if msg["role"] == "user" for part in msg["content"]]
+        assert any(part.get("type") == "file" for part in uploads), "the chat should show the upload"

@@ -9,6 +9,7 @@ import socket
 import time
 
 from playground.ui import build_ui, launch
+from playground.ui.view import View
 
 GREEDY = dict(temperature=0, top_p=1, top_k=0, rep=1, seed=0, stops="", system_prompt="", raw=False)
 
@@ -31,6 +32,11 @@ def running_app(engine, launch_kwargs=None, **build_kwargs):
     finally:
         demo.sessions.shutdown()
         demo.close()
+
+
+def shown(out) -> View:
+    """A client's output tuple as a View, its fields named (`.chat`, `.status`, `.context`, ...)."""
+    return View.read(out)
 
 
 def gauge(context_html: str) -> tuple[int, int]:

@@ -1,11 +1,12 @@
-"""Decode ahead of the UI: run a reply's generator in its own thread.
+"""Decode in the background: run a reply's generator in its own thread.
 
 A Gradio generator handler renders each value it yields before it asks for the
 next. A reply generator driven that way waits for every render, so the model
-idles while the page updates. `Ahead` runs the generator in a thread of its
-own; the handler, an async generator on Gradio's event loop, wakes when it made
-progress and renders the current state, several tokens at once when the UI
-falls behind. The model never waits for the page.
+idles while the page updates. `BackgroundStream` runs the generator in a thread
+of its own; the handler, an async generator on Gradio's event loop, wakes when it
+made progress and gets every item produced since its last wake-up, several
+tokens at once when the UI falls behind. The model never waits for the page.
+Knows nothing of conversations or widgets.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import time
 from typing import Callable, Iterator
 
 
-class Ahead:
-    """Iterate `gen` in a background thread; `async for` over an `Ahead` yields the
-    count of items produced so far, once per wake-up, and re-raises the generator's error.
+class BackgroundStream:
+    """Iterate `gen` in a background thread; `async for` over it yields the list of items
+    produced since the last wake-up, once per wake-up, and re-raises the generator's error.
 
     Wake-ups are paced: at most one per `min_interval` seconds, and after a
     consumer step that took `b` seconds (a render), the next waits until at least
@@ -37,16 +38,16 @@ class Ahead:
         self._gen, self._stop = gen, stop
         self.min_interval, self.share = min_interval, share
         self._lock = threading.Lock()  # guards the three fields below and `_wake`
-        self._count, self._done, self._error = 0, False, None
+        self._items, self._done, self._error = [], False, None
         self._wake: Callable[[], None] = lambda: None  # set by the consumer
         self._thread = threading.Thread(target=self._run, name="decode-ahead", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         try:
-            for _ in self._gen:
+            for item in self._gen:
                 with self._lock:
-                    self._count += 1
+                    self._items.append(item)
                     self._notify()
             self._gen = None
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
@@ -68,7 +69,7 @@ class Ahead:
             pass
 
     async def __aiter__(self):
-        """Yield the count of items produced so far, once per wake-up. Waits are awaits:
+        """Yield the items produced since the last wake-up, once per wake-up. Waits are awaits:
         cancelling the consumer's task interrupts them at once, where a sync generator
         blocked in `next()` could not be closed until it yielded."""
         loop = asyncio.get_running_loop()
@@ -93,14 +94,14 @@ class Ahead:
                     pass
             news.clear()
             with self._lock:
-                count, done = self._count, self._done
+                count, done = len(self._items), self._done
             if count == seen and not done:
                 await news.wait()  # set by the producer after the clear above: no wake-up is lost
                 continue
             if count > seen:
-                seen = count
+                new, seen = self._items[seen:count], count
                 yielded = time.monotonic()
-                yield count
+                yield new
                 back = time.monotonic()
                 not_before = max(yielded + self.min_interval, back + (back - yielded) * (1 - self.share) / self.share)
             elif done:

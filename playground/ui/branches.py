@@ -1,7 +1,7 @@
 """Handlers for branches and Compare: widget values in, `Conversation` calls, widget values out.
 
-Knows nothing of tensors, tokenizers or the layout (`ui.py` wires these). They
-run through `Handlers.stream` and `Handlers.immediate`, so locking, Stop,
+Knows nothing of tensors, tokenizers or the layout (`layout.py` wires these). They
+run through `Runner.stream` and `Runner.immediate`, so locking, Stop,
 errors and the widgets' updates are the same as for every other action.
 """
 
@@ -10,8 +10,9 @@ from __future__ import annotations
 import gradio as gr
 
 from playground.sessions import check_prompt
-from playground.ui_inputs import BadInput, clamp_new_tokens, make_sampling, parse_box, parse_stop_strings
-from playground.ui_render import live_compare
+from playground.ui.inputs import BadInput, clamp_new_tokens, make_sampling, parse_box, parse_stop_strings
+from playground.ui.render import live_compare
+from playground.ui.runner import Page
 
 COMPARE_SLOTS = 4  # columns of settings the layout offers
 
@@ -27,8 +28,8 @@ class BranchHandlers:
     def switch(self, turn_index, k, system_prompt, raw, stored, request):
         def act(tab):
             tab.conv.switch(int(turn_index), int(k))
-        return self.h.immediate(request, stored, system_prompt, raw, act,
-                                status="Switched branch: the context panel shows what was reused and prefilled.")
+        return self.h.run.immediate(request, Page(system_prompt, raw, stored), act,
+                                    status="Switched branch: the context panel shows what was reused and prefilled.")
 
     def on_branch_click(self, system_prompt, raw, stored, data: gr.SelectData, request: gr.Request):
         """A click on ‹ or › (BRANCH_JS): `data.index` is the turn, `data.value` the sibling."""
@@ -54,16 +55,16 @@ class BranchHandlers:
             stop_strings = parse_stop_strings(stops)
             parts = parse_box(box, h.modalities, h.model, h.max_file_mb, allow_empty=True)
         except (BadInput, TypeError, ValueError) as e:
-            yield h.fail(e if isinstance(e, BadInput) else BadInput(f"Compare settings: {e}"))
+            yield h.run.fail(e if isinstance(e, BadInput) else BadInput(f"Compare settings: {e}"))
             return
 
         def start(conv):
             if parts:
                 check_prompt(conv.engine, parts, h.max_prompt_tokens)
-            return conv.compare(samplings, max_new, stop_strings, parts=parts or None)
+            return conv.compare(samplings, max_new, stop_strings, parts=parts or None, events=True)
 
-        async for update in h.stream(request, stored, system_prompt, raw, start, clear_box=bool(parts)):
-            yield update
+        async for view in h.run.stream(request, Page(system_prompt, raw, stored), start, clear_box=bool(parts)):
+            yield view
 
     def keep(self, k, system_prompt, raw, stored, request):
         def act(tab):
@@ -75,8 +76,8 @@ class BranchHandlers:
                 raise BadInput(f"There is no reply {int(k) + 1} in the last comparison.")
             siblings = tab.conv.turns[i - 1].children
             tab.conv.switch(i, next(j for j, t in enumerate(siblings) if t is replies[int(k)]))
-        return self.h.immediate(request, stored, system_prompt, raw, act,
-                                status=f"Kept reply {int(k) + 1}: the chat continues from it.")
+        return self.h.run.immediate(request, Page(system_prompt, raw, stored), act,
+                                    status=f"Kept reply {int(k) + 1}: the chat continues from it.")
 
     def on_keep_click(self, system_prompt, raw, stored, data: gr.SelectData, request: gr.Request):
         """A click on "Keep this one" (KEEP_JS): `data.index` is the reply."""

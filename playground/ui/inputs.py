@@ -173,3 +173,21 @@ def clamp_new_tokens(n, cap: int) -> int:
     if n < 1:
         raise BadInput(f"max new tokens must be at least 1, got {n}")
     return min(n, cap)
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """The seven sampling controls' values, as the widgets (or an API caller) give them."""
+
+    temperature: object = 0.7
+    top_p: object = 0.95
+    top_k: object = 0
+    rep: object = 1.0
+    seed: object = -1
+    max_new: object = 64
+    stops: object = ""
+
+    def settings(self, cap: int) -> tuple[SamplingConfig, int, tuple[str, ...]]:
+        """(sampling, max new tokens at most `cap`, stop strings); BadInput in plain words."""
+        return (make_sampling(self.temperature, self.top_p, self.top_k, self.rep, self.seed),
+                clamp_new_tokens(self.max_new, cap), parse_stop_strings(self.stops))

@@ -1,7 +1,8 @@
 """The Gradio playground: the layout and its event wiring.
 
-The handlers (`ui_handlers.Handlers`) translate widget values into
-`Conversation` calls and back; nothing here touches a tensor or a tokenizer.
+The handlers (`handlers.Handlers`) translate widget values into `Conversation`
+calls and a `View`; `view.outputs` lays a View out in the wired order. Nothing
+here touches a tensor or a tokenizer.
 
     demo = build_ui(engine)
     launch(demo, server_name="127.0.0.1", server_port=7860)
@@ -9,14 +10,19 @@ The handlers (`ui_handlers.Handlers`) translate widget values into
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import gradio as gr
 
 from engines.speech import LANGUAGES
-from playground.sessions import RateLimit, SessionManager
-from playground.ui_handlers import DEFAULT_MAX_TRANSCRIPT_MB, Handlers, default_make_conversation
-from playground.ui_inputs import DEFAULT_MAX_FILE_MB, describe_modalities
-from playground.ui_branches import COMPARE_SLOTS, BranchHandlers
-from playground.ui_render import BRANCH_JS, CSS, KEEP_JS, TOKEN_JS, compare_html, context_html
+from playground.sessions import RateLimit, TabRegistry
+from playground.ui.assets import BRANCH_JS, CSS, KEEP_JS, TOKEN_JS
+from playground.ui.branches import COMPARE_SLOTS, BranchHandlers
+from playground.ui.handlers import DEFAULT_MAX_TRANSCRIPT_MB, Handlers, default_make_conversation
+from playground.ui.inputs import DEFAULT_MAX_FILE_MB, describe_modalities
+from playground.ui.render import COMPARE_EMPTY, TOKENS_EMPTY, context_panel
+from playground.ui.view import outputs
 
 
 def build_ui(engine, *, max_sessions: int | None = None, max_new_tokens_cap: int = 512,
@@ -25,7 +31,7 @@ def build_ui(engine, *, max_sessions: int | None = None, max_new_tokens_cap: int
              title: str | None = None, max_prompt_tokens: int | None = None,
              max_transcript_mb: float = DEFAULT_MAX_TRANSCRIPT_MB, rate_limit: RateLimit | None = None,
              transcriber=None) -> gr.Blocks:
-    """The playground for `engine`. The returned Blocks has `.sessions` (the SessionManager).
+    """The playground for `engine`. The returned Blocks has `.sessions` (its `TabRegistry`).
 
     Args:
         max_sessions: tabs that may hold a conversation at once (default: the engine's capacity).
@@ -41,7 +47,7 @@ def build_ui(engine, *, max_sessions: int | None = None, max_new_tokens_cap: int
     """
     cap_sessions = engine.capacity.max_sessions
     max_sessions = min(max_sessions or cap_sessions, cap_sessions)
-    sessions = SessionManager(engine, make_conversation, max_sessions, idle_timeout_s, rate_limit=rate_limit)
+    sessions = TabRegistry(engine, make_conversation, max_sessions, idle_timeout_s, rate_limit=rate_limit)
     max_context = engine.capacity.max_context_len
     modalities = engine.modalities
     model = f"{engine.name} on {engine.backend}" if getattr(engine, "backend", "") else engine.name
@@ -73,12 +79,12 @@ def build_ui(engine, *, max_sessions: int | None = None, max_new_tokens_cap: int
                     step_btn = gr.Button("Step", elem_id="step")
                     reset_btn = gr.Button("Reset", elem_id="reset")
                     compare_btn = gr.Button("Compare", elem_id="compare")
-                compare_panel = gr.HTML(compare_html(None), elem_id="compare-panel", js_on_load=KEEP_JS)
+                compare_panel = gr.HTML(COMPARE_EMPTY, elem_id="compare-panel", js_on_load=KEEP_JS)
                 gr.Markdown("**Tokens of the last reply**")
-                tokens = gr.HTML(tokens_html_empty(), elem_id="token-view", js_on_load=TOKEN_JS)
+                tokens = gr.HTML(TOKENS_EMPTY, elem_id="token-view", js_on_load=TOKEN_JS)
             with gr.Column(scale=2):
                 gr.Markdown("**Context**")
-                context = gr.HTML(context_html_empty(max_context), elem_id="context", js_on_load=BRANCH_JS)
+                context = gr.HTML(context_panel([], 0, max_context, None, []), elem_id="context", js_on_load=BRANCH_JS)
                 raw = gr.Checkbox(False, label="Raw mode (no chat template: text is prefilled as is and continued)",
                                   elem_id="raw")
                 system_prompt = gr.Textbox("", label="System prompt", lines=2, elem_id="system")
@@ -128,44 +134,48 @@ def build_ui(engine, *, max_sessions: int | None = None, max_new_tokens_cap: int
         knobs = [temperature, top_p, top_k, rep, seed, max_new, stops]
         ctx_in = [system_prompt, raw, stored]
         outs = [chatbot, box, status, context, tokens, stop_btn, regen_btn, continue_btn, step_btn, reset_btn,
-                import_btn, compare_panel, compare_btn, stored]
-        h.button_labels = tuple(b.value for b in outs[5:10])
-        h.compare_label = compare_btn.value
+                import_btn, compare_panel, compare_btn, stored]  # view.OUTPUTS, in order
+        labels = {"stop": stop_btn.value, "regenerate": regen_btn.value, "continue": continue_btn.value,
+                  "step": step_btn.value, "reset": reset_btn.value, "compare_button": compare_btn.value}
+        shown = functools.partial(shown_as, labels)
         b = BranchHandlers(h)
         gen_kw = dict(outputs=outs, concurrency_id="generate", concurrency_limit=max_sessions, show_progress="hidden")
         quick_kw = dict(outputs=outs, concurrency_limit=None, show_progress="hidden")
+        regenerate = shown(h.reply_action("regenerate"))
 
         streams = [
-            box.submit(h.on_send, [box, *knobs, *ctx_in, transcribe_first, speech_language], api_name="send",
+            box.submit(shown(h.on_send), [box, *knobs, *ctx_in, transcribe_first, speech_language], api_name="send",
                        **gen_kw),
-            regen_btn.click(h.make_simple("regenerate"), [*knobs, *ctx_in], api_name="regenerate", **gen_kw),
-            chatbot.retry(h.make_simple("regenerate"), [*knobs, *ctx_in], api_visibility="undocumented", **gen_kw),
-            continue_btn.click(h.make_simple("continue_reply"), [*knobs, *ctx_in], api_name="continue", **gen_kw),
-            step_btn.click(h.make_simple("step"), [*knobs, *ctx_in], api_name="step", **gen_kw),
-            chatbot.edit(h.on_chat_edit, [chatbot, *knobs, *ctx_in], api_visibility="undocumented", **gen_kw),
-            api_edit_btn.click(h.on_api_edit, [api_turn, api_text, *knobs, *ctx_in], api_name="edit", **gen_kw),
-            compare_btn.click(b.on_compare, [box, compare_n, *compare_knobs, top_p, top_k, rep, max_new, stops,
-                                             *ctx_in], api_name="compare", **gen_kw),
+            regen_btn.click(regenerate, [*knobs, *ctx_in], api_name="regenerate", **gen_kw),
+            chatbot.retry(regenerate, [*knobs, *ctx_in], api_visibility="undocumented", **gen_kw),
+            continue_btn.click(shown(h.reply_action("continue_reply")), [*knobs, *ctx_in], api_name="continue",
+                               **gen_kw),
+            step_btn.click(shown(h.reply_action("step")), [*knobs, *ctx_in], api_name="step", **gen_kw),
+            chatbot.edit(shown(h.on_chat_edit), [chatbot, *knobs, *ctx_in], api_visibility="undocumented", **gen_kw),
+            api_edit_btn.click(shown(h.on_api_edit), [api_turn, api_text, *knobs, *ctx_in], api_name="edit",
+                               **gen_kw),
+            compare_btn.click(shown(b.on_compare), [box, compare_n, *compare_knobs, top_p, top_k, rep, max_new, stops,
+                                                    *ctx_in], api_name="compare", **gen_kw),
         ]
         for trigger, vis in ((stop_btn.click, "public"), (box.stop, "private")):
             trigger(h.on_stop, None, None, cancels=streams, concurrency_limit=None, queue=False,
                     api_name="stop" if vis == "public" else None, api_visibility=vis).then(
-                h.refresh, None, api_visibility="undocumented", **quick_kw)
-        tokens.select(h.on_token_click, ctx_in, api_visibility="undocumented", **quick_kw)
-        context.select(b.on_branch_click, ctx_in, api_visibility="undocumented", **quick_kw)
-        compare_panel.select(b.on_keep_click, ctx_in, api_visibility="undocumented", **quick_kw)
-        api_switch_btn.click(b.on_api_switch, [api_turn, api_offset, *ctx_in], api_name="switch", **quick_kw)
-        api_keep_btn.click(b.on_api_keep, [api_offset, *ctx_in], api_name="keep", **quick_kw)
-        api_rewind_btn.click(h.on_api_rewind, [api_turn, api_offset, *ctx_in], api_name="rewind", **quick_kw)
-        chatbot.undo(h.on_undo, ctx_in, api_name="undo", **quick_kw)
-        reset_btn.click(h.on_reset, ctx_in, api_name="reset", **quick_kw)
-        chatbot.clear(h.on_reset, ctx_in, api_visibility="undocumented", **quick_kw)
-        raw.input(h.on_raw_change, [raw, system_prompt], api_name="set_raw", **quick_kw)
+                shown(h.refresh), None, api_visibility="undocumented", **quick_kw)
+        tokens.select(shown(h.on_token_click), ctx_in, api_visibility="undocumented", **quick_kw)
+        context.select(shown(b.on_branch_click), ctx_in, api_visibility="undocumented", **quick_kw)
+        compare_panel.select(shown(b.on_keep_click), ctx_in, api_visibility="undocumented", **quick_kw)
+        api_switch_btn.click(shown(b.on_api_switch), [api_turn, api_offset, *ctx_in], api_name="switch", **quick_kw)
+        api_keep_btn.click(shown(b.on_api_keep), [api_offset, *ctx_in], api_name="keep", **quick_kw)
+        api_rewind_btn.click(shown(h.on_api_rewind), [api_turn, api_offset, *ctx_in], api_name="rewind", **quick_kw)
+        chatbot.undo(shown(h.on_undo), ctx_in, api_name="undo", **quick_kw)
+        reset_btn.click(shown(h.on_reset), ctx_in, api_name="reset", **quick_kw)
+        chatbot.clear(shown(h.on_reset), ctx_in, api_visibility="undocumented", **quick_kw)
+        raw.input(shown(h.on_raw_change), [raw, system_prompt], api_name="set_raw", **quick_kw)
         export_btn.click(h.on_export, None, export_file, api_name="export", concurrency_limit=None)
-        import_btn.upload(h.on_import, [import_btn, *ctx_in], outs + [system_prompt, raw], api_name="import",
-                          concurrency_limit=None, show_progress="hidden")
-        demo.load(h.on_load, [stored], outs[:-1] + [system_prompt, raw], api_visibility="undocumented",
-                  show_progress="hidden")
+        import_btn.upload(shown(h.on_import, extra=True), [import_btn, *ctx_in], outs + [system_prompt, raw],
+                          api_name="import", concurrency_limit=None, show_progress="hidden")
+        demo.load(shown(h.on_load, extra=True, stored=False), [stored], outs[:-1] + [system_prompt, raw],
+                  api_visibility="undocumented", show_progress="hidden")
         demo.unload(h.on_unload)
 
     demo.queue(default_concurrency_limit=max(2, max_sessions))
@@ -192,16 +202,21 @@ def forget_session_state(demo: gr.Blocks):
     return forget
 
 
-def tokens_html_empty() -> str:
-    return ("<div id='tokens' class='empty'>The last reply's tokens appear here. "
-            "Click one to rewind to just before it, then press Continue.</div>")
+def shown_as(labels: dict, handler, extra: bool = False, stored: bool = True):
+    """`handler` (returning or yielding `View`s) as a Gradio function that returns or yields
+    the outputs' values (`view.outputs`). Its signature is the handler's: Gradio reads the
+    HTTP API's parameter names and its special arguments (`gr.Request`, ...) from it."""
+    if inspect.isasyncgenfunction(handler):
+        @functools.wraps(handler)
+        async def streaming(*args, **kwargs):
+            async for view in handler(*args, **kwargs):
+                yield outputs(view, labels, extra, stored)
+        return streaming
 
-
-def context_html_empty(max_context: int) -> str:
-    class _Empty:
-        turns, position, last_stats = [], 0, None
-
-    return context_html(_Empty(), max_context)
+    @functools.wraps(handler)
+    def immediate(*args, **kwargs):
+        return outputs(handler(*args, **kwargs), labels, extra, stored)
+    return immediate
 
 
 def launch(demo: gr.Blocks, **kwargs):

@@ -1,5 +1,8 @@
 """Conversation state -> what the widgets show (pure functions, no Gradio, no tensors).
 
+A running action is drawn from what its events said (runner.py), so the
+context and compare panels also take their values one by one.
+
 - `chat_messages(conv)`: the Chatbot's messages, one run of messages per turn.
 - `context_html(conv)`: the gauge (KV position / max context), turn and media
   spans, and the last action's figures.
@@ -18,7 +21,7 @@ import math
 import os
 import tempfile
 
-from playground.ui_inputs import SPOKEN_MARK, Spoken
+from playground.ui.inputs import SPOKEN_MARK, Spoken
 
 MEDIA_DIR = os.path.join(tempfile.gettempdir(), "llm-playground-media")
 
@@ -78,22 +81,23 @@ def chat_messages(conv) -> list[dict]:
     n-th run of same-role messages in the Chatbot is the n-th non-system turn
     (see `turn_for_display_index`).
     """
-    out = []
-    for turn in conv.turns:
-        if turn.role == "system":
-            continue
-        content: list = []
-        for p in turn.parts:
-            if p.kind in ("image", "audio"):
-                path = media_path(p)
-                if path:
-                    content.append({"path": path})
+    return [turn_message(t) for t in conv.turns if t.role != "system"]
+
+
+def turn_message(turn, text: str | None = None) -> dict:
+    """One turn's chat message; `text` (a reply still streaming) stands for its parts' text."""
+    content: list = []
+    for p in turn.parts:
+        if p.kind in ("image", "audio"):
+            path = media_path(p)
+            if path:
+                content.append({"path": path})
+    if text is None:
         text = shown_text(turn.parts)
-        if text.strip() or not content:
-            # An empty reply (stopped before its first token) still needs a bubble.
-            content.insert(0, text if text.strip() else "…")
-        out.append({"role": turn.role, "content": content if len(content) > 1 else content[0]})
-    return out
+    if text.strip() or not content:
+        # An empty reply (stopped before its first token) still needs a bubble.
+        content.insert(0, text if text.strip() else "…")
+    return {"role": turn.role, "content": content if len(content) > 1 else content[0]}
 
 
 def turn_for_display_index(conv, history: list[dict], index) -> int:
@@ -152,13 +156,20 @@ def _span(span) -> str:
 
 
 def context_html(conv, max_context: int | None = None, running: bool = False) -> str:
-    """The context panel. The gauge carries data-position / data-max for tests."""
-    pos = int(getattr(conv, "position", 0) or 0)
-    cap = int(max_context or getattr(conv, "max_context", 0) or 1)
+    """The context panel of `conv` as it stands."""
+    return context_panel(conv.turns, int(getattr(conv, "position", 0) or 0),
+                         int(max_context or getattr(conv, "max_context", 0) or 1),
+                         getattr(conv, "last_stats", None), branch_nav(conv), running)
+
+
+def context_panel(turns, pos: int, cap: int, stats, nav: list, running: bool = False) -> str:
+    """The gauge (KV position `pos` of `cap`; it carries data-position / data-max for tests),
+    the turns' spans, `stats` and the branch controls `nav` (`branch_nav`)."""
+    cap = cap or 1
     pct = min(100.0, 100.0 * pos / cap)
     rows = []
-    navs = {turn: (k, n) for _, turn, k, n in branch_nav(conv)}
-    for i, t in enumerate(conv.turns):
+    navs = {turn: (k, n) for _, turn, k, n in nav}
+    for i, t in enumerate(turns):
         media = ", ".join(f"{k} {s}–{e}" for k, s, e in (getattr(t, "media_spans", None) or []))
         n = (t.span[1] - t.span[0]) if t.span else 0
         branch = nav_html(i, *navs[i]) if i in navs else "–"
@@ -172,14 +183,14 @@ def context_html(conv, max_context: int | None = None, running: bool = False) ->
         if rows else "<p class='empty'>No turns yet.</p>"
     )
     # The chat's ‹ k/n › controls are drawn by BRANCH_JS from this list.
-    nav_data = html.escape(json.dumps(branch_nav(conv)), quote=True)
-    stats = html.escape(stats_line(getattr(conv, "last_stats", None), running))
+    nav_data = html.escape(json.dumps(nav), quote=True)
+    line = html.escape(stats_line(stats, running))
     return (
         f"<div id='ctx'>"
         f"<div id='gauge' class='gauge' data-position='{pos}' data-max='{cap}' "
         f"title='KV position {pos} of {cap}'><div class='fill' style='width:{pct:.2f}%'></div></div>"
         f"<div id='gauge-label'>KV {pos} / {cap} tokens ({pct:.1f}%)</div>"
-        f"<div id='stats'>{stats}</div>{table}"
+        f"<div id='stats'>{line}</div>{table}"
         f"<div id='branch-data' hidden data-nav='{nav_data}'></div></div>"
     )
 
@@ -226,34 +237,44 @@ def live_compare(conv):
     return i, replies
 
 
+COMPARE_EMPTY = ("<div id='compare-grid' class='empty'>Compare samples 2–4 replies to your message from one "
+                 "prefill, side by side, each with its own temperature and seed (set them under "
+                 "Compare settings). Type a message and press Compare, or press it to answer the last "
+                 "message again.</div>")
+
+
 def compare_html(conv, running: bool = False) -> str:
     """The last compare's replies side by side, each with its settings and "Keep this one"."""
     live = live_compare(conv)
     if live is None:
-        return ("<div id='compare-grid' class='empty'>Compare samples 2–4 replies to your message from one "
-                "prefill, side by side, each with its own temperature and seed (set them under "
-                "Compare settings). Type a message and press Compare, or press it to answer the last "
-                "message again.</div>")
+        return COMPARE_EMPTY
     i, replies = live
     current = conv.turns[i] if i < len(conv.turns) else None
     stats = getattr(conv, "last_stats", None)
     reasons = getattr(stats, "finish_reasons", ()) if getattr(stats, "replies", 1) == len(replies) else ()
+    current_k = next((k for k, r in enumerate(replies) if r is current), None)
+    return compare_grid(i, [r.sampling for r in replies], [r.text for r in replies], current_k, reasons, running)
+
+
+def compare_grid(i: int, samplings, texts, current: int | None, reasons=(), running: bool = False) -> str:
+    """Compared replies (their settings and texts) for turn `i`; reply `current` is the one in the chat."""
     cols = []
-    for k, r in enumerate(replies):
-        s = r.sampling or {}
+    for k, (s, text) in enumerate(zip(samplings, texts)):
+        s = s or {}
         head = f"#{k + 1} · T {s.get('temperature', 0):g} · seed {s.get('seed')}"
         if k < len(reasons) and reasons[k]:
             head += f" · {reasons[k]}"
-        is_current = r is current
+        is_current = k == current
         keep = ("<span class='cmp-current'>✓ in the chat</span>" if is_current else
                 f"<button class='cmp-keep' data-keep='{k}' {'disabled' if running else ''}>Keep this one</button>")
         cols.append(
             f"<div class='cmp-col{' current' if is_current else ''}' data-k='{k}'>"
             f"<div class='cmp-head'>{html.escape(head)}</div>"
-            f"<div class='cmp-text'>{html.escape(r.text) or '…'}</div>{keep}</div>"
+            f"<div class='cmp-text'>{html.escape(text) or '…'}</div>{keep}</div>"
         )
-    return (f"<div id='compare-grid' data-turn='{i}' data-count='{len(replies)}' "
-            f"style='grid-template-columns: repeat({len(replies)}, minmax(0, 1fr))'>{''.join(cols)}</div>")
+    n = len(cols)
+    return (f"<div id='compare-grid' data-turn='{i}' data-count='{n}' "
+            f"style='grid-template-columns: repeat({n}, minmax(0, 1fr))'>{''.join(cols)}</div>")
 
 
 # --------------------------------------------------------------------------- token view
@@ -280,11 +301,15 @@ def last_reply_index(conv) -> int | None:
     return None
 
 
+TOKENS_EMPTY = ("<div id='tokens' class='empty'>The last reply's tokens appear here. "
+                "Click one to rewind to just before it, then press Continue.</div>")
+
+
 def tokens_html(conv) -> str:
     """The last reply's tokens; colour = probability, tooltip = top alternatives."""
     i = last_reply_index(conv)
     if i is None:
-        return "<div id='tokens' class='empty'>The last reply's tokens appear here. Click one to rewind to just before it, then press Continue.</div>"
+        return TOKENS_EMPTY
     turn = conv.turns[i]
     infos = list(getattr(turn, "token_info", None) or [])
     ids = list(getattr(turn, "token_ids", None) or [])
@@ -309,99 +334,3 @@ def tokens_html(conv) -> str:
         )
     return (f"<div id='tokens' data-turn='{i}' data-count='{len(infos)}'>{''.join(chips)}</div>"
             "<div class='hint'>Hover for alternatives; click a token to rewind to just before it, then Continue resamples.</div>")
-
-
-TOKEN_JS = """
-element.addEventListener('click', (ev) => {
-  const t = ev.target.closest('[data-tok]');
-  if (!t) return;
-  const box = t.closest('[data-turn]');
-  trigger('select', {index: parseInt(t.dataset.tok), value: box ? parseInt(box.dataset.turn) : null});
-});
-"""
-
-BRANCH_JS = """
-// The chat's ‹ k/n › controls: drawn into each message row that has alternatives, from the
-// list the context panel carries (#branch-data), and redrawn whenever Gradio re-renders the chat.
-const navOf = () => {
-  const d = element.querySelector('#branch-data');
-  try { return JSON.parse(d ? d.dataset.nav : '[]'); } catch (e) { return []; }
-};
-const draw = (turn, k, n) => {
-  const b = (to, label, text) => to >= 0 && to < n
-    ? `<button data-k='${to}' aria-label='${label}'>${text}</button>`
-    : `<button disabled aria-label='${label}'>${text}</button>`;
-  return `${b(k - 1, 'previous alternative', '‹')}<span class='branch-pos'>${k + 1}/${n}</span>`
-    + `${b(k + 1, 'next alternative', '›')}`;
-};
-let queued = false;
-const decorate = () => {
-  queued = false;
-  const chat = document.querySelector('#chatbot');
-  if (!chat) return;
-  const want = new Map(navOf().map(([m, t, k, n]) => [m, [t, k, n]]));
-  let run = -1, prev = null;
-  for (const row of chat.querySelectorAll('.message-row')) {
-    const role = row.classList.contains('user-row') ? 'user' : 'bot';
-    let el = row.querySelector('.branch-nav');
-    if (role === prev) { if (el) el.remove(); continue; }  // one control per turn, on its first row
-    prev = role; run += 1;
-    const w = want.get(run), key = w ? w.join(',') : '';
-    if (el && el.dataset.key === key) continue;
-    if (el) el.remove();
-    if (!w) continue;
-    el = document.createElement('div');
-    el.className = 'branch-nav in-chat ' + role;
-    el.dataset.key = key; el.dataset.turn = w[0];
-    el.innerHTML = draw(...w);
-    row.appendChild(el);
-  }
-};
-const later = () => { if (!queued) { queued = true; requestAnimationFrame(decorate); } };
-new MutationObserver(later).observe(document.body, {childList: true, subtree: true});
-document.addEventListener('click', (ev) => {
-  const b = ev.target.closest('.branch-nav button[data-k]');
-  if (!b) return;
-  ev.preventDefault(); ev.stopPropagation();
-  trigger('select', {index: parseInt(b.closest('.branch-nav').dataset.turn), value: parseInt(b.dataset.k)});
-}, true);
-later();
-"""
-
-KEEP_JS = """
-element.addEventListener('click', (ev) => {
-  const b = ev.target.closest('[data-keep]');
-  if (!b || b.disabled) return;
-  const grid = b.closest('[data-turn]');
-  trigger('select', {index: parseInt(b.dataset.keep), value: grid ? parseInt(grid.dataset.turn) : null});
-});
-"""
-
-CSS = """
-#gauge { height: 14px; background: #e5e7eb; border-radius: 7px; overflow: hidden; }
-#gauge .fill { height: 100%; background: linear-gradient(90deg, #3b82f6, #8b5cf6); }
-#gauge-label, #stats { font-size: 0.85em; margin-top: 4px; font-family: monospace; }
-#ctx table.spans { font-size: 0.8em; width: 100%; margin-top: 6px; }
-#ctx table.spans td, #ctx table.spans th { padding: 1px 6px; }
-#tokens .tok { display: inline-flex; flex-direction: column; align-items: center; margin: 1px;
-  padding: 0 3px; border-radius: 4px; cursor: pointer; font-family: monospace; font-size: 0.85em; color: #111; }
-#tokens .tok:hover { outline: 2px solid #ef4444; }
-#tokens .tok .p { font-size: 0.7em; opacity: 0.7; }
-.hint { font-size: 0.75em; opacity: 0.7; }
-#status:empty { display: none; }
-.branch-nav { display: inline-flex; align-items: center; gap: 2px; font-size: 0.8em; font-family: monospace; }
-.branch-nav button { padding: 0 6px; border-radius: 4px; cursor: pointer; background: #eef2ff; }
-.branch-nav button:disabled { opacity: 0.35; cursor: default; }
-.branch-nav.in-chat { display: flex; margin: 0 12px 4px; }
-.branch-nav.in-chat.user { justify-content: flex-end; }
-#compare-grid { display: grid; gap: 8px; }
-#compare-grid.empty { display: block; font-size: 0.8em; opacity: 0.7; }
-#compare-grid .cmp-col { border: 1px solid #d1d5db; border-radius: 8px; padding: 6px; display: flex;
-  flex-direction: column; gap: 4px; }
-#compare-grid .cmp-col.current { border-color: #6366f1; }
-#compare-grid .cmp-head { font-size: 0.75em; font-family: monospace; opacity: 0.8; }
-#compare-grid .cmp-text { white-space: pre-wrap; font-size: 0.9em; flex: 1; }
-#compare-grid .cmp-keep { align-self: flex-start; padding: 2px 8px; border-radius: 6px; background: #eef2ff; cursor: pointer;
-  font-size: 0.8em; font-weight: 500; }
-#compare-grid .cmp-current { font-size: 0.8em; color: #4f46e5; }
-"""
