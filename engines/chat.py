@@ -3,14 +3,14 @@
 An assistant message with "token_ids" and every media part are replaced by
 unique sentinel strings before the template runs; the rendered string is then
 split at the sentinels, so those parts come back as `tokens` / media inputs
-that no re-tokenisation can alter.
+that no re-tokenisation can alter. Knows nothing of models, sessions or
+tokenizers beyond `apply_chat_template`.
 """
 
 from __future__ import annotations
 
 import re
 import secrets
-from typing import Any, Callable
 
 from .base import InvalidArgument, MultimodalInput, NotSupported
 
@@ -60,13 +60,12 @@ def render_messages(
     add_generation_prompt: bool,
     template: str,
     modalities: frozenset,
-    media_marker: Callable[[str], Any] | None = None,
 ) -> list[MultimodalInput]:
     """Render `messages` with `template`, splicing exact ids and media.
 
-    `media_marker(kind)` gives what a media part becomes in the message given
-    to the template (default: the sentinel text itself). Text engines reject
-    media parts with `NotSupported`.
+    `tokenizer` is anything with `apply_chat_template` (`PartsContent` wraps one
+    for templates that iterate over parts). Media parts of a kind not in
+    `modalities` raise `NotSupported`.
     """
     if not isinstance(messages, list):
         raise InvalidArgument(f"messages must be a list of dicts, got {type(messages).__name__}")
