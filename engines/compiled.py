@@ -53,7 +53,7 @@ class CompiledStep:
         """`model` must pass `refusal()`; the engine checks that first."""
         self.model = model
         self.max_len = max_len
-        self._step = torch.compile(model.forward, fullgraph=True, dynamic=False)
+        self.graph = torch.compile(model.forward, fullgraph=True, dynamic=False)  # the compiled forward
         self.compile_s = None  # seconds the first step took, set by warm_up
         self.threads = None  # torch threads the graph was compiled with, set by warm_up
 
@@ -66,7 +66,7 @@ class CompiledStep:
         """Forward one token; returns its next-token logits (a fresh tensor)."""
         input_ids = torch.tensor([[token]], dtype=torch.long, device=self.model.device)
         # A cache's first forward allocates its buffers, which must happen outside the graph.
-        step = self._step if cache.layers[0].is_initialized else self.model.forward
+        step = self.graph if cache.layers[0].is_initialized else self.model.forward
         if self.threads and torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)  # another count would recompile (a guard)
         out = step(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)

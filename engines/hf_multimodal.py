@@ -140,7 +140,7 @@ class HFMultimodalEngine(HFTextEngine):
                 return list(ids), feats, wave
         wave = None
         if inp.kind == "image":
-            image = load_image(inp.value, index, self._image_cap(), getattr(self.image_processor, "resample", None))
+            image = load_image(inp.value, index, self.image_cap(), getattr(self.image_processor, "resample", None))
             out = self._process(index, self.markers["image"], images=[image])
         else:
             wave = load_audio(inp.value, inp.sample_rate, index, self.sample_rate, self.max_audio_seconds)
@@ -161,7 +161,7 @@ class HFMultimodalEngine(HFTextEngine):
         except (ValueError, TypeError, RuntimeError) as e:  # the processor's own checks (sizes, rates)
             raise InvalidArgument(f"input {index}: the processor rejected it: {e}") from e
 
-    def _image_cap(self) -> dict:
+    def image_cap(self) -> dict:
         """The largest size the image processor keeps; bigger images are downscaled first."""
         ip = self.image_processor
         size = getattr(ip, "size", None) or {}

@@ -57,6 +57,11 @@ class GrowingLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self._length if self.is_initialized else 0
 
+    @property
+    def capacity(self) -> int:
+        """Tokens the buffer holds before it must grow (0 before the first update)."""
+        return 0 if getattr(self, "_kbuf", None) is None else self._kbuf.shape[-2]
+
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
             raise ValueError(f"crop takes a negative count of tokens to remove, got {tokens_to_remove}")

@@ -8,13 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 from torch._dynamo.utils import counters
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, StaticCache
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 from app import parse_args
 from engines import ContextFull, InvalidArgument, MultimodalInput as MI, load_engine
 from engines.cpu_tuning import DECODE_THREADS_ENV
 from engines.hf_text import HFTextEngine
-from tests.cases import greedy_ids
+from tests.cases import greedy_ids, hf_kv_held
 from tests.tiny_models import _built, compiled_engine, make_tokenizer
 
 
@@ -25,13 +25,13 @@ def _no_cache_logits(engine, ids) -> torch.Tensor:
 
 def _count_steps(engine, monkeypatch) -> list[int]:
     """Record each call of the compiled step (the position it ran at)."""
-    calls, step = [], engine.compiled._step
+    calls, step = [], engine.compiled.graph
 
     def counted(**kw):
         calls.append(int(kw["past_key_values"].get_seq_length()))
         return step(**kw)
 
-    monkeypatch.setattr(engine.compiled, "_step", counted)
+    monkeypatch.setattr(engine.compiled, "graph", counted)
     return calls
 
 
@@ -52,7 +52,9 @@ def test_one_graph_serves_every_step_across_sessions_seeks_and_resets(monkeypatc
         b.reset()
         b.prefill(prompt)
         assert greedy_ids(b, 6) == (first[0] + first[2])[:6]  # a reset session repeats itself
-        assert isinstance(a._cache, StaticCache) and isinstance(b._cache, StaticCache)
+        cap = engine.capacity
+        for s in (a, b):  # each on its own fixed-size cache, allocated whole
+            assert hf_kv_held(engine, s) == (cap.estimated_bytes_per_session, cap.max_context_len)
     assert counters["stats"]["unique_graphs"] == graphs, "a step recompiled"
     assert len(calls) >= 20 and all(n > 0 for n in calls)  # every decode step went through the graph
 
@@ -77,8 +79,8 @@ def test_steps_run_with_the_thread_count_they_were_compiled_for(monkeypatch):
     engine = compiled_engine()
     graphs = counters["stats"]["unique_graphs"]
     seen = []
-    step = engine.compiled._step
-    monkeypatch.setattr(engine.compiled, "_step", lambda **kw: seen.append(torch.get_num_threads()) or step(**kw))
+    step = engine.compiled.graph
+    monkeypatch.setattr(engine.compiled, "graph", lambda **kw: seen.append(torch.get_num_threads()) or step(**kw))
     monkeypatch.setenv(DECODE_THREADS_ENV, str(engine.compiled.threads + 1))  # changed after load
     with engine.create_session() as s:
         s.prefill([MI.tokens([5, 6, 7])])

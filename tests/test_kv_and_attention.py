@@ -37,7 +37,7 @@ def test_growing_layer_matches_dynamic_layer_through_updates_and_crops():
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
         assert ours.get_seq_length() == ref.get_seq_length()
         assert torch.equal(ours.keys, ref.keys) and torch.equal(ours.values, ref.values)
-    assert ours._kbuf.shape[-2] == 3 * kv.GROW_TOKENS  # the last growth copied a cropped layer
+    assert ours.capacity == 3 * kv.GROW_TOKENS  # the last growth copied a cropped layer
     ours.reset()
     assert ours.get_seq_length() == 0 and not ours.is_initialized
     with pytest.raises(ValueError, match="negative"):
@@ -47,12 +47,12 @@ def test_growing_layer_matches_dynamic_layer_through_updates_and_crops():
 def test_growing_layer_writes_in_place_until_full():
     layer = kv.GrowingLayer()
     layer.update(*_kv(10, 0))
-    buf = layer._kbuf
+    buf = layer.keys.data_ptr()  # keys are a view of the start of the buffer
     for i in range(kv.GROW_TOKENS - 10):
         layer.update(*_kv(1, i + 1))
-    assert layer._kbuf is buf  # no copy while there was room
+    assert layer.keys.data_ptr() == buf and layer.capacity == kv.GROW_TOKENS  # no copy while there was room
     layer.update(*_kv(1, 999))
-    assert layer._kbuf is not buf and layer._kbuf.shape[-2] == 2 * kv.GROW_TOKENS
+    assert layer.keys.data_ptr() != buf and layer.capacity == 2 * kv.GROW_TOKENS
 
 
 def test_new_cache_uses_growing_layers_for_full_attention(smol):

@@ -320,7 +320,7 @@ def test_a_large_image_is_downscaled_to_what_the_processor_keeps():
     for fam, bound in (("idefics3", lambda w, h: max(w, h) <= 64), ("llava", lambda w, h: min(w, h) <= 32),
                        ("qwen2_vl", lambda w, h: w * h <= 48 * 48)):
         engine = tiny_engine(fam)
-        small = load_image(big, 0, engine._image_cap())
+        small = load_image(big, 0, engine.image_cap())
         assert bound(*small.size), (fam, small.size)
         assert abs(small.size[0] / small.size[1] - 1.5) < 0.1  # aspect kept
         with fresh(engine, [MI.text("x"), MI.image(big)]) as s:
