@@ -30,11 +30,12 @@ from typing import Sequence
 
 import torch
 
-from . import hf_features as hf
+from . import hf_features as hf, kv
 from .base import EngineError, InvalidArgument, MultimodalInput, ServingCapacity, check_inputs
 from .chat import PartsContent
 from .hf_multimodal_load import check_supported, has_vision, load_model, load_processor
-from .hf_text import HFTextEngine, Prepared, _kv_bytes_per_token
+from .hf_session import Prepared
+from .hf_text import HFTextEngine
 from .media import MAX_AUDIO_SECONDS, check_media_value, load_audio, load_image
 
 MEMO_SIZE = 16  # processed media kept per engine, by content hash
@@ -91,7 +92,7 @@ class HFMultimodalEngine(HFTextEngine):
         shared = getattr(text_cfg, "num_kv_shared_layers", 0) or 0
         if shared:  # Gemma 3n: the last layers reuse earlier layers' KV and store none
             layers = text_cfg.num_hidden_layers
-            per_token = _kv_bytes_per_token(text_cfg, self.dtype) * (layers - shared) // layers
+            per_token = kv.bytes_per_token(text_cfg, self.dtype) * (layers - shared) // layers
             self.capacity = ServingCapacity(self.capacity.max_sessions, self.max_context, per_token,
                                             per_token * self.max_context)
         self._memo: OrderedDict = OrderedDict()

@@ -227,8 +227,11 @@ class HFSession(Session):
     def stop(self) -> None:
         self._stop.set()
 
+    def _in_range(self, pos) -> bool:
+        return not isinstance(pos, bool) and isinstance(pos, int) and 0 <= pos <= self.position
+
     def can_seek(self, pos: int) -> bool:
-        if isinstance(pos, bool) or not isinstance(pos, int) or not 0 <= pos <= self.position:
+        if not self._in_range(pos):
             return False
         if self._closed or self._poisoned is not None:
             return False
@@ -241,7 +244,7 @@ class HFSession(Session):
 
     def seek(self, pos: int) -> None:
         self._usable()
-        if isinstance(pos, bool) or not isinstance(pos, int) or not 0 <= pos <= self.position:
+        if not self._in_range(pos):
             raise InvalidArgument(f"seek position {pos!r} is outside 0..{self.position}")
         if not self.can_seek(pos):
             inside = [s for s in self._media_spans if s[0] < pos < s[1]]
@@ -261,7 +264,10 @@ class HFSession(Session):
         # at a media block's end, the whole block (its last id is a placeholder whose
         # embedding came from the features).
         span = self._block_ending_at(pos)
-        keep, (ids, extras) = (span[0], self._blocks[span]) if span else (pos - 1, ([self._ids[pos - 1]], {}))
+        if span:
+            keep, (ids, extras) = span[0], self._blocks[span]
+        else:
+            keep, ids, extras = pos - 1, [self._ids[pos - 1]], {}
         del self._ids[keep:]
         self._media_spans = [s for s in self._media_spans if s[1] <= keep]
         try:

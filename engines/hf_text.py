@@ -69,7 +69,7 @@ class HFTextEngine(Engine):
         self.eos_token_ids = frozenset(_eos_ids(model, tokenizer))
         self.bos_token_id = _first(getattr(tokenizer, "bos_token_id", None), getattr(text_cfg, "bos_token_id", None))
         self.modalities = frozenset({"text", "tokens"})
-        kv_per_token = _kv_bytes_per_token(text_cfg, self.dtype)
+        kv_per_token = kv.bytes_per_token(text_cfg, self.dtype)
         self.capacity = ServingCapacity(max_sessions, limit, kv_per_token, kv_per_token * limit)
         self.lock = threading.Lock()  # serialises forwards on the shared weights
         use_gemv_layout(self)  # at load: the engine never changes after it
@@ -214,11 +214,3 @@ def _eos_ids(model, tokenizer) -> list[int]:
     if eos is None:
         return []
     return [eos] if isinstance(eos, int) else list(eos)
-
-
-def _kv_bytes_per_token(cfg, dtype) -> int:
-    heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * itemsize

@@ -1,6 +1,6 @@
 """Small helpers over transformers' caches (DynamicCache, and the StaticCache
-of compiled engines) that report what they did, and a full-attention cache
-layer that grows without a copy per token."""
+of compiled engines) that report what they did, a full-attention cache
+layer that grows without a copy per token, and a config's KV bytes per token."""
 
 from __future__ import annotations
 
@@ -77,6 +77,15 @@ class GrowingLayer(DynamicLayer):
         raise NotImplementedError("a session cache holds one sequence on one device")
 
     batch_repeat_interleave = batch_select_indices = reorder_cache = offload = prefetch = _one_sequence
+
+
+def bytes_per_token(cfg, dtype) -> int:
+    """KV bytes one token takes in every layer of a text config, at `dtype`."""
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * itemsize
 
 
 def new_cache(config) -> DynamicCache:
