@@ -179,10 +179,10 @@ class HFMultimodalEngine(HFTextEngine):
             cap["short"] = max(get("height"), get("width"))
         return cap
 
-    # -- the model (called with self.lock held)
-
     def new_model_state(self) -> "ModelState | None":
         return ModelState(self) if self.mrope or self.token_types else None
+
+    # -- the model (called with self.lock held)
 
     def forward(self, ids, cache, extras, session) -> torch.Tensor:
         kw = {k: hf.to_model(v, self.device, self.dtype) for k, v in extras.items()}

@@ -174,12 +174,12 @@ class HFTextEngine(Engine):
             raise InvalidArgument(f"input {index} has token id {bad[0]}, outside the vocabulary of {self.vocab_size}")
         return inp.value
 
-    # -- the model (called with self.lock held)
-
     def new_model_state(self):
         """Per-conversation state the model would keep on its shared object; a plain
         causal LM keeps none (see `HFMultimodalEngine`)."""
         return None
+
+    # -- the model (called with self.lock held)
 
     def new_cache(self):
         """An empty cache for one session: fixed-size when compiled, else growing."""
