@@ -117,11 +117,16 @@ def test_cancel_stops_server_generation_quickly(app):
             time.sleep(0.002)
         marks["end"] = time.perf_counter()
 
+    at_stop = []  # tokens when the server's side learned of the cancel (the HTTP hop before it varies)
+    session = tab.conv.session  # Conversation.stop() ends with session.stop()
+    stop = session.stop
+    session.stop = lambda: (at_stop.append(len(reply.token_ids)), stop())[1]
     watcher = threading.Thread(target=watch)
     watcher.start()
     t0 = time.perf_counter()
     job.cancel()
     watcher.join(10)
+    del session.stop  # the class's own again
     t_step, t_end = max(t0, marks.get("step", t0)), marks["end"]
     ids = list(tab.conv.turns[-1].token_ids)
     print(f"cancel -> server generation ended in {(t_end - t0) * 1000:.0f} ms; "
@@ -129,7 +134,8 @@ def test_cancel_stops_server_generation_quickly(app):
           "the step in flight")
     assert not tab.streaming
     assert t_end - t_step < 0.5, f"server kept generating for {t_end - t_step:.2f} s after cancel"
-    assert len(ids) - n_before <= 2, "more than the step in flight was generated after cancel"
+    assert at_stop, "the cancel never reached the conversation"
+    assert len(ids) - at_stop[0] <= 2, "more than the step in flight was generated after cancel"
     pos = tab.conv.position
     time.sleep(1.0)
     assert tab.conv.turns[-1].token_ids == ids and tab.conv.position == pos, "generation went on after cancel"
