@@ -356,6 +356,7 @@ class Conversation:
                 self._forks = []
                 if replies:
                     self.last_stats = _compare_stats(stats, replies, progress, t0)
+                    _done_for_now(session, replies[0].finish, max_new_tokens)
                 if session is not None:
                     _clear_stop(session)
                     self._update_spans()
@@ -489,6 +490,7 @@ class Conversation:
                 if session is not None:
                     if self.last_stats is not None:
                         self.last_stats = replace(self.last_stats, finish_reason=finish)
+                    _done_for_now(session, finish, max_new_tokens)
                     _clear_stop(session)
                     self._update_spans()
             finally:
@@ -639,6 +641,17 @@ def _clear_stop(session) -> None:
         session.seek(session.position)
     except EngineError:
         pass
+
+
+def _done_for_now(session, finish: str | None, max_new_tokens: int) -> None:
+    """A reply that ended at its budget or a stop string leaves the session idle, so an
+    engine that decodes ahead of the reader stops (engines/base.py `Session.pause`). A
+    one-token step skips it: stepping through a reply keeps one random stream."""
+    if finish == "stop_string" or (finish == "length" and max_new_tokens > 1):
+        try:
+            session.pause()
+        except EngineError:
+            pass
 
 
 def _compare_stats(stats: Stats, replies, progress, t0: float) -> Stats:
