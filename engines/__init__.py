@@ -6,6 +6,7 @@ backend, and xllamacpp only for llama.cpp.
 """
 
 from .base import (
+    Busy,
     ContextFull,
     DecodeResult,
     Engine,
@@ -20,7 +21,7 @@ from .base import (
 )
 
 __all__ = [
-    "ContextFull", "DecodeResult", "Engine", "EngineError", "InvalidArgument", "MultimodalInput",
+    "Busy", "ContextFull", "DecodeResult", "Engine", "EngineError", "InvalidArgument", "MultimodalInput",
     "NotSupported", "SamplingConfig", "ServingCapacity", "Session", "SessionPoisoned", "load_engine",
 ]
 

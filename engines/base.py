@@ -13,17 +13,22 @@ from __future__ import annotations
 
 import abc
 import hashlib
-import io
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 # --------------------------------------------------------------------------- errors
 
 
 class EngineError(RuntimeError):
-    """Base class of every error the contract raises (also: "busy")."""
+    """Base class of every error the contract raises."""
+
+
+class Busy(EngineError):
+    """No room for another session: raised by `Engine.create_session` and `Session.fork`
+    at `capacity.max_sessions`. Nothing changed; try again once a session closes. Still an
+    `EngineError`, and its message still starts with "busy", for callers that predate it."""
 
 
 class InvalidArgument(EngineError, ValueError):
@@ -368,7 +373,7 @@ class Session(abc.ABC):
         - The fork's first `decode_one` seeds its generator from `sampling.seed`,
           as after a prefill. A pending stop request is not copied.
         - A fork holds a capacity slot, like `Engine.create_session`: with no room
-          it raises `EngineError` ("busy"), and nothing changes.
+          it raises `Busy`, and nothing changes.
         - Raises `NotSupported` where the engine cannot copy a session (the
           default); callers then create a session and prefill `tokens` again.
         - A poisoned or closed session raises as any other call would.
@@ -387,7 +392,7 @@ class Engine(abc.ABC):
 
     An engine never mutates after load; per-conversation state lives in its
     sessions. `create_session()` is cheap, never copies weights, and raises
-    `EngineError` ("busy") beyond `capacity.max_sessions` open sessions.
+    `Busy` beyond `capacity.max_sessions` open sessions.
     """
 
     name: str

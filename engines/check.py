@@ -19,7 +19,7 @@ import threading
 import time
 import traceback
 
-from . import ContextFull, DecodeResult, EngineError, InvalidArgument, MultimodalInput as MI, SamplingConfig
+from . import Busy, ContextFull, DecodeResult, EngineError, InvalidArgument, MultimodalInput as MI, SamplingConfig
 from . import load_engine
 
 GREEDY = SamplingConfig()
@@ -178,7 +178,7 @@ class Checks:
             try:
                 self.engine.create_session()
             except EngineError as e:
-                assert "busy" in str(e), str(e)
+                assert isinstance(e, Busy) and "busy" in str(e), f"{type(e).__name__}: {e} (expected Busy)"
             else:
                 raise AssertionError(f"a session beyond max_sessions={cap} was created")
             opened.pop().close()

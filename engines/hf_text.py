@@ -24,7 +24,7 @@ import torch
 
 from . import kv
 from .attention import use_sdpa_gqa
-from .base import Engine, EngineError, InvalidArgument, MultimodalInput, NotSupported, ServingCapacity, check_inputs
+from .base import Busy, Engine, InvalidArgument, MultimodalInput, NotSupported, ServingCapacity, check_inputs
 from .chat import render_messages
 from .compiled import CompiledStep, refusal
 from .cpu_tuning import DECODE_THREADS_ENV, GEMV_LAYOUT_ENV, decode_threads, use_gemv_layout, use_threads  # noqa: F401
@@ -103,7 +103,7 @@ class HFTextEngine(Engine):
 
     def create_session(self) -> HFSession:
         if not self._slots.acquire(blocking=False):
-            raise EngineError(
+            raise Busy(
                 f"busy: all {self.capacity.max_sessions} sessions of {self.name} are in use; "
                 "close one or try again later"
             )

@@ -20,7 +20,7 @@ import weakref
 from typing import Callable, Sequence
 from urllib.parse import urlsplit
 
-from .base import check_inputs, EngineError, InvalidArgument, MultimodalInput, NotSupported, SamplingConfig, ServingCapacity
+from .base import Busy, check_inputs, EngineError, InvalidArgument, MultimodalInput, NotSupported, SamplingConfig, ServingCapacity
 from .chat import render_messages
 from .completions import CompletionEngine, CompletionSession, Evaluated, Parsed, Token
 from .templates import JinjaTemplater
@@ -202,7 +202,7 @@ class LlamaServerEngine(CompletionEngine):
     def create_session(self) -> CompletionSession:
         with self._slots_lock:
             if not self._free:
-                raise EngineError(
+                raise Busy(
                     f"busy: all {self.capacity.max_sessions} sessions of {self.name} are in use; "
                     "close one or try again later"
                 )

@@ -29,7 +29,7 @@ import weakref
 from typing import Callable, Sequence
 from urllib.parse import urlsplit
 
-from .base import EngineError, InvalidArgument, MultimodalInput, NotSupported, ServingCapacity
+from .base import Busy, EngineError, InvalidArgument, MultimodalInput, NotSupported, ServingCapacity
 from .chat import render_messages
 from .completions import CompletionEngine, CompletionSession, Parsed, Token
 from .base import check_inputs as _check_inputs
@@ -348,7 +348,7 @@ class OpenAIServerEngine(CompletionEngine):
     def create_session(self) -> CompletionSession:
         with self._slots_lock:
             if not self._free:
-                raise EngineError(
+                raise Busy(
                     f"busy: all {self.capacity.max_sessions} sessions of {self.name} are in use; "
                     "close one or try again later"
                 )

@@ -23,9 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from engines import EngineError
-
-from .turns import Busy  # noqa: F401 - the one "no room" error, the engine's included (re-exported)
+from engines import Busy, EngineError  # noqa: F401 - Busy: the one "no room" error, the engine's included (re-exported)
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,9 @@
 """The values a conversation is made of: turns, token info, stats, stream events.
 
 Knows nothing of sessions, rendering, the tree's rules or the UI; imports
-nothing of the playground, so every other module can import it.
+nothing of the playground, so every other module can import it. `Busy` (no room
+for another session: the engine's, or the deployment's tab limit) is the
+contract's own, re-exported here.
 """
 
 from __future__ import annotations
@@ -9,14 +11,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field, replace
 
-from engines import EngineError, MultimodalInput, SamplingConfig
+from engines import Busy, MultimodalInput, SamplingConfig  # noqa: F401 - Busy: re-exported
 
 ROLES = ("system", "user", "assistant")
 FINISH_REASONS = ("eos", "length", "stopped", "stop_string", "context_full")
-
-
-class Busy(EngineError):
-    """No room for another session (the engine's, or the deployment's tab limit); try again later."""
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from engines import EngineError, InvalidArgument, MultimodalInput as MI, NotSupported, SamplingConfig, Session
+from engines import Busy, EngineError, InvalidArgument, MultimodalInput as MI, NotSupported, SamplingConfig, Session
 from playground import Conversation
 from playground.prefix import common_prefix
 from tests.cases import ENGINES, greedy_ids
@@ -183,8 +183,9 @@ def test_fork_and_compare_respect_the_capacity(smol):
         while True:  # fill every free slot, whoever else holds some
             held.append(smol.create_session())
     try:
-        with pytest.raises(EngineError, match="busy"):
+        with pytest.raises(EngineError, match="busy") as refused:
             conv.session.fork()
+        assert isinstance(refused.value, Busy)
         tokens, turns = conv.session.tokens, tree(conv)
         with pytest.raises(EngineError, match="busy: comparing 2 replies needs 1 more session"):
             conv.compare(HOT[:2], 4)

@@ -11,6 +11,7 @@ import threading
 import pytest
 
 from engines import (
+    Busy,
     ContextFull,
     DecodeResult,
     EngineError,
@@ -351,8 +352,9 @@ def test_sessions_beyond_capacity_are_busy_until_one_closes(case):
     free = engine.capacity.max_sessions - engine.open_sessions
     opened = [engine.create_session() for _ in range(free)]
     try:
-        with pytest.raises(EngineError, match="busy"):
+        with pytest.raises(EngineError, match="busy") as refused:
             engine.create_session()
+        assert isinstance(refused.value, Busy), "the contract's typed capacity error"
         opened.pop().close()
         opened.append(engine.create_session())
     finally:
