@@ -61,6 +61,22 @@ def prune(parent, turn) -> None:
         parent.chosen = None
 
 
+def replace_head(root, path: list, head) -> list:
+    """`path` with its system turn (turn 0, if any) replaced by `head`, a new system turn
+    (None removes it). The first user turns and their siblings move under the new head;
+    returns the new path."""
+    old = path[0] if path and path[0].role == "system" else None
+    below = old or root  # what holds the first user turns and their siblings
+    kids, chosen = list(below.children), below.chosen
+    rest = path[1:] if old else list(path)
+    if head is None:
+        root.children, root.chosen = kids, chosen
+        return rest
+    head.children, head.chosen = kids, chosen
+    root.children, root.chosen = [head], head
+    return [head] + rest
+
+
 def covered(turn, siblings: list) -> bool:
     """Whether dropping `turn` loses nothing: no later turns, and its reply ids
     start another sibling's (a cut made by a rewind that was never continued)."""

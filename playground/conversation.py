@@ -20,16 +20,19 @@ import time
 from dataclasses import replace
 from typing import Iterator, Sequence
 
-from engines import ContextFull, EngineError, InvalidArgument, MultimodalInput, NotSupported, SamplingConfig
+from engines import ContextFull, EngineError, InvalidArgument, MultimodalInput, SamplingConfig
 
-from . import branches, multistream, transcript
-from .residency import Residency, slice_inputs
+from . import branches, compare, transcript
+from .checks import check_generation, check_index, check_parts
+from .compare import COMPARE_MAX, COMPARE_MIN  # noqa: F401 - re-exported
+from .prompt import Prompt
+from .residency import Residency
 from .spans import SpanBook
 from .stopstrings import StopMatcher
 from .turns import (FINISH_REASONS, ROLES, Began, Busy, Piece, Stats, TokenInfo, Turn,  # noqa: F401 - re-exported
                     plain_token_info, seeded)
 
-COMPARE_MIN, COMPARE_MAX = 2, 4  # replies one compare may sample
+RUNNING = "another action is running on this conversation; stop it first"
 
 
 class Conversation:
@@ -52,8 +55,7 @@ class Conversation:
         if chat_template is not None and not isinstance(chat_template, str):
             raise InvalidArgument("chat_template must be a Jinja template string or None")
         self.engine = engine
-        self.chat_template = chat_template
-        self.raw = bool(raw)
+        self._prompt = Prompt(engine, chat_template, bool(raw))  # what the turns render to
         self.top_alternatives = top_alternatives
         self._root = branches.Root()
         self._turns: list[Turn] = []
@@ -85,10 +87,26 @@ class Conversation:
         branches.graft(self._root, self._turns)
 
     @property
+    def chat_template(self) -> str | None:
+        return self._prompt.chat_template
+
+    @chat_template.setter
+    def chat_template(self, template: str | None) -> None:
+        self._prompt.chat_template = template
+
+    @property
+    def raw(self) -> bool:
+        return self._prompt.raw
+
+    @raw.setter
+    def raw(self, raw: bool) -> None:
+        self._prompt.raw = bool(raw)
+
+    @property
     def session(self):
-        """The engine session, created on first use (`turns.Busy` when the engine has no room)."""
+        """The engine session, created on first use (`engines.Busy` when the engine has no room)."""
         if self._session is None:
-            self._session = _capacity(self.engine.create_session)
+            self._session = self.engine.create_session()
             self._residency.emptied()
         return self._session
 
@@ -192,7 +210,7 @@ class Conversation:
                 siblings[branches.index_of(siblings, turn)] = cut  # in place: nothing is lost
             self.turns = self.turns[:i] + [cut]
             if self._session is not None:
-                keys, _ = self._residency.keys_of(self._wanted(self.turns[:i], cut))
+                keys, _ = self._residency.keys_of(self._prompt.open(self.turns[:i], cut))
                 self.last_stats = self._residency.seek_if_prefix(self._session, keys) or self.last_stats
             self._update_spans()
 
@@ -212,17 +230,8 @@ class Conversation:
         if text is not None and not isinstance(text, str):
             raise InvalidArgument(f"system_prompt must be a str or None, got {type(text).__name__}")
         with self._exclusive():
-            old = self.turns[0] if self.turns and self.turns[0].role == "system" else None
-            below = old or self._root  # what holds the first user turns and their siblings
-            kids, chosen = list(below.children), below.chosen
-            rest = self.turns[1:] if old else list(self.turns)
-            if text:
-                head = Turn("system", [MultimodalInput.text(text)], children=kids, chosen=chosen)
-                self._root.children, self._root.chosen = [head], head
-                rest = [head] + rest
-            else:
-                self._root.children, self._root.chosen = kids, chosen
-            self.turns = rest
+            head = Turn("system", [MultimodalInput.text(text)]) if text else None
+            self.turns = branches.replace_head(self._root, self.turns, head)
             for t in self.turns:  # nothing after the change is resident as it was
                 t.span, t.media_spans = None, []
 
@@ -267,7 +276,7 @@ class Conversation:
             raise InvalidArgument(f"sibling {k!r} is outside 0..{len(sibs) - 1} for turn {i}")
         path = self.turns[:i] + branches.follow(sibs[k])
         with self._exclusive():
-            target = self._residency.keys_of(self._wanted_for(path))
+            target = self._residency.keys_of(self._prompt.current(path))
             if len(target[0]) > self.max_context:
                 raise ContextFull(f"that branch needs {len(target[0])} tokens, but the context is {self.max_context}")
             stats = self._residency.move_to(self.session, *target)
@@ -286,42 +295,22 @@ class Conversation:
         seed. The prompt is prefilled once and the session forked for each other reply
         (`Session.fork`); on an engine that cannot fork, fresh sessions are prefilled
         again and `last_stats.extra_prefilled` says how many tokens that cost. Raises
-        `turns.Busy` (an `EngineError`, "busy") when the engine has no room for the
+        `engines.Busy` when the engine has no room for the
         extra sessions, and everything `send` raises, before returning the generator.
         """
-        if not isinstance(samplings, (list, tuple)) or not COMPARE_MIN <= len(samplings) <= COMPARE_MAX:
-            raise InvalidArgument(f"compare takes a list of {COMPARE_MIN} to {COMPARE_MAX} SamplingConfigs")
-        for j, c in enumerate(samplings):
-            if not isinstance(c, SamplingConfig):
-                raise InvalidArgument(f"samplings[{j}] must be a SamplingConfig, got {type(c).__name__}")
-        if parts is not None:
-            before = self.turns + [Turn("user", self._check_parts(parts))]
-        elif self.turns and self.turns[-1].role == "user":
-            before = list(self.turns)
-        elif len(self.turns) >= 2 and self.turns[-1].role == "assistant" and self.turns[-2].role == "user":
-            before = self.turns[:-1]
-        else:
-            raise InvalidArgument("nothing to compare: there is no user turn to answer; send a message first")
-        self._check_generation(samplings[0], max_new_tokens, stop_strings)
+        compare.check_samplings(samplings)
+        before = compare.turns_before(self.turns, None if parts is None else Turn("user", self._check_parts(parts)))
+        check_generation(samplings[0], max_new_tokens, stop_strings)
         self._not_busy()
         target = self._fitting_target(before, None)
-        cap = self.engine.capacity.max_sessions
-        need = len(samplings) - 1 + (self._session is None)
-        free = cap - self.engine.open_sessions
-        if need > free:
-            raise Busy(
-                f"busy: comparing {len(samplings)} replies needs {need} more session(s) at once, but only "
-                f"{max(free, 0)} of the engine's {cap} are free; compare fewer replies or try again later"
-            )
+        compare.check_room(self.engine, len(samplings), self._session is not None)
         self._stop.clear()
         gen = self._compare_stream(before, target, list(samplings), max_new_tokens, tuple(stop_strings))
-        return gen if events else _pairs(gen)
+        return gen if events else compare.pairs(gen)
 
     def _compare_stream(self, before, target, samplings, max_new_tokens, stop_strings):
-        if not self.lock.acquire(blocking=False):
-            raise EngineError("another action is running on this conversation; stop it first")
-        session, replies, forks, stats = None, [], [], None
-        progress = multistream.Progress()
+        self._acquire()
+        session, run = None, None
         try:
             samplings = [seeded(c) for c in samplings]
             t0 = time.perf_counter()
@@ -329,61 +318,28 @@ class Conversation:
             session = self.session
             stats = self._residency.move_to(session, *target)  # the one prefill every reply shares
             start = session.position
-            forks, extra = self._copies(session, len(samplings) - 1, target)
-            self._forks = forks
-            turns = [Turn("assistant", [MultimodalInput.text("")], token_ids=[], sampling=c.to_dict())
-                     for c in samplings]
+            run = compare.Run(self.engine, session, target, samplings, stop_strings, stats, t0)
+            self._forks = run.forks
             i = len(before)
-            self.turns = before + [turns[0]]
-            self._parent(i).children.extend(turns[1:])
-            self.last_compare = (i, turns)
-            stats = replace(stats, replies=len(turns), extra_prefilled=extra)
-            self.last_stats = stats
-            replies = [multistream.Reply(s, t, c, StopMatcher(stop_strings))
-                       for s, t, c in zip([session] + forks, turns, samplings)]
-            yield Began(tuple(self.turns), start, stats, tuple(turns), ("",) * len(turns), compare_at=i)
-            first = replies[0]
-            for k, piece in multistream.stream(self.engine, replies, max_new_tokens, self._stop,
-                                               self._token_info, progress):
-                self.last_stats = _compare_stats(stats, replies, progress, t0)
-                yield Piece(piece, start + first.n, self.last_stats, k)
+            self.turns = before + [run.turns[0]]
+            self._parent(i).children.extend(run.turns[1:])
+            self.last_compare = (i, run.turns)
+            self.last_stats = run.stats
+            yield Began(tuple(self.turns), start, run.stats, tuple(run.turns), ("",) * len(run.turns), compare_at=i)
+            for piece in run.pieces(start, max_new_tokens, self._stop, self._token_info):
+                self.last_stats = piece.stats
+                yield piece
         finally:
             try:
-                for r in replies:
-                    r.finish = r.finish or "stopped"  # closed by the consumer, or an error
-                for fork in forks:
-                    fork.close()
                 self._forks = []
-                if replies:
-                    self.last_stats = _compare_stats(stats, replies, progress, t0)
-                    _done_for_now(session, replies[0].finish, max_new_tokens)
+                if run is not None:
+                    self.last_stats = run.close()
+                    _done_for_now(session, run.replies[0].finish, max_new_tokens)
                 if session is not None:
                     _clear_stop(session)
                     self._update_spans()
             finally:
                 self.lock.release()
-
-    def _copies(self, session, n: int, target) -> tuple[list, int]:
-        """`n` more sessions holding what `session` holds: forks, or, where the engine
-        cannot fork, fresh sessions prefilled again. Returns them and the tokens that
-        second way prefilled."""
-        copies, extra = [], 0
-        try:
-            for _ in range(n):
-                try:
-                    copies.append(_capacity(session.fork))
-                except NotSupported:
-                    copies.append(_capacity(self.engine.create_session))
-                    copies[-1].prefill(slice_inputs(target[1], 0))
-                    extra += len(target[0])
-        except BaseException as e:
-            for c in copies:
-                c.close()
-            if isinstance(e, Busy):
-                raise Busy(f"busy: a compare needs {n + 1} sessions at once and the engine has no room "
-                           f"({e}); compare fewer replies or try again later") from e
-            raise
-        return copies, extra
 
     def _siblings(self, i: int) -> list[Turn]:
         self._check_index(i)
@@ -411,7 +367,7 @@ class Conversation:
         conv.turns = path
         if prefill and conv.turns:
             try:
-                conv._residency.move_to(conv.session, *conv._residency.keys_of(conv._wanted_for(conv.turns)))
+                conv._residency.move_to(conv.session, *conv._residency.keys_of(conv._prompt.current(conv.turns)))
             except BaseException:
                 conv.close()
                 raise
@@ -422,7 +378,7 @@ class Conversation:
 
     def _start(self, before: list[Turn], reply: Turn | None, sampling, max_new_tokens, stop_strings, events):
         """Validate everything, then return the stream generator (nothing changed yet)."""
-        self._check_generation(sampling, max_new_tokens, stop_strings)
+        check_generation(sampling, max_new_tokens, stop_strings)
         self._not_busy()
         target = self._fitting_target(before, reply)
         if reply is None:
@@ -432,8 +388,7 @@ class Conversation:
         return gen if events else _texts(gen)
 
     def _stream(self, before, reply, target, sampling, max_new_tokens, stop_strings):
-        if not self.lock.acquire(blocking=False):
-            raise EngineError("another action is running on this conversation; stop it first")
+        self._acquire()
         session, finish = None, "stopped"
         try:
             # Continuing a reply keeps its random stream, so its recorded seed replays it.
@@ -498,17 +453,9 @@ class Conversation:
 
     # ------------------------------------------------------------------ planning
 
-    def _check_generation(self, sampling, max_new_tokens, stop_strings) -> None:
-        if not isinstance(sampling, SamplingConfig):
-            raise InvalidArgument(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise InvalidArgument(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-        if not isinstance(stop_strings, (list, tuple)) or any(not isinstance(s, str) or not s for s in stop_strings):
-            raise InvalidArgument("stop_strings must be a list of non-empty strings")
-
     def _fitting_target(self, before: list[Turn], reply: Turn | None):
         """The target's (keys, pieces); `ContextFull` when it leaves no room for a reply."""
-        target = self._residency.keys_of(self._wanted(before, reply))
+        target = self._residency.keys_of(self._prompt.open(before, reply))
         if len(target[0]) >= self.max_context:
             raise ContextFull(
                 f"the conversation needs {len(target[0])} tokens plus room for a reply, but the context is "
@@ -516,48 +463,13 @@ class Conversation:
             )
         return target
 
-    def _wanted_for(self, path: list[Turn]) -> list[MultimodalInput]:
-        """What should be resident while `path` is current: its last reply left open."""
-        if path and path[-1].role == "assistant":
-            return self._wanted(path[:-1], path[-1])
-        return self._wanted(path, None)
-
-    def _wanted(self, before: list[Turn], reply: Turn | None) -> list[MultimodalInput]:
-        """What should be resident: `before` rendered (with a generation prompt when a
-        reply follows) and the reply's exact ids after it."""
-        if self.raw:
-            inputs = []
-            for t in before:
-                if t.role != "assistant":
-                    inputs += t.parts
-                elif t.token_ids:
-                    inputs.append(MultimodalInput.tokens(t.token_ids))
-        else:
-            inputs = self.engine.render(
-                [transcript.turn_to_render_message(t) for t in before],
-                add_generation_prompt=reply is not None or not before or before[-1].role != "assistant",
-                chat_template=self.chat_template,
-            )
-        if reply is not None and reply.token_ids:
-            inputs = inputs + [MultimodalInput.tokens(reply.token_ids)]
-        if not inputs:
-            raise InvalidArgument("nothing to prefill: the conversation renders to no tokens")
-        return inputs
-
-    def _closed(self, turns: list[Turn]) -> list[MultimodalInput]:
-        """`turns` rendered as a finished conversation (no generation prompt)."""
-        if self.raw:
-            return self._wanted(turns, None) if turns else []
-        return self.engine.render([transcript.turn_to_render_message(t) for t in turns],
-                                  add_generation_prompt=False, chat_template=self.chat_template)
-
     def _update_spans(self) -> None:
         if self._session is None:
             for t in self.turns:
                 t.span, t.media_spans = None, []
             return
-        self._spans.assign(self.turns, self.position, (self.raw, self.chat_template), self._closed,
-                           self._wanted, self._residency.keys_of)
+        self._spans.assign(self.turns, self.position, (self.raw, self.chat_template), self._prompt.closed,
+                           self._prompt.open, self._residency.keys_of)
 
     def _token_info(self, session, r) -> TokenInfo:
         if not self.top_alternatives or not hasattr(session, "logprob"):
@@ -568,40 +480,27 @@ class Conversation:
     # ------------------------------------------------------------------ validation
 
     def _check_parts(self, parts) -> list[MultimodalInput]:
-        if isinstance(parts, str):
-            parts = [MultimodalInput.text(parts)]
-        if not isinstance(parts, (list, tuple)) or not parts:
-            raise InvalidArgument("a message needs at least one part (text, image or audio)")
-        for j, p in enumerate(parts):
-            if not isinstance(p, MultimodalInput):
-                raise InvalidArgument(f"part {j} is a {type(p).__name__}, not a MultimodalInput")
-            if p.kind == "text" and not p.value.strip():
-                raise InvalidArgument("the message is empty: type some text or attach a file")
-            if p.kind not in self.engine.modalities:
-                raise NotSupported(
-                    f"{self.engine.name} cannot take {p.kind} input; it takes "
-                    f"{', '.join(sorted(self.engine.modalities - {'tokens'}))}"
-                )
-        self.engine.tokenize(list(parts))  # validates media now, before anything changes
-        return list(parts)
+        return check_parts(self.engine, parts)
 
     def _check_index(self, i) -> None:
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(self.turns):
-            raise InvalidArgument(f"turn index {i!r} is outside 0..{len(self.turns) - 1}")
+        check_index(i, len(self.turns))
 
     @contextlib.contextmanager
     def _exclusive(self):
         """Hold the action lock for an immediate action (no stream may start meanwhile)."""
-        if not self.lock.acquire(blocking=False):
-            raise EngineError("another action is running on this conversation; stop it first")
+        self._acquire()
         try:
             yield
         finally:
             self.lock.release()
 
+    def _acquire(self) -> None:
+        if not self.lock.acquire(blocking=False):
+            raise EngineError(RUNNING)
+
     def _not_busy(self) -> None:
         if self.lock.locked():
-            raise EngineError("another action is running on this conversation; stop it first")
+            raise EngineError(RUNNING)
 
 
 def _texts(events):
@@ -612,27 +511,6 @@ def _texts(events):
                 yield e.text
     finally:
         events.close()
-
-
-def _pairs(events):
-    """The public compare stream: (reply index, text piece)."""
-    try:
-        for e in events:
-            if type(e) is Piece:
-                yield e.reply, e.text
-    finally:
-        events.close()
-
-
-def _capacity(make):
-    """`make()` (create or fork a session); the contract's plain `EngineError` there means
-    no room, raised as `turns.Busy` so callers tell it apart by type."""
-    try:
-        return make()
-    except EngineError as e:
-        if type(e) is EngineError:
-            raise Busy(str(e)) from e
-        raise
 
 
 def _clear_stop(session) -> None:
@@ -653,12 +531,3 @@ def _done_for_now(session, finish: str | None, max_new_tokens: int) -> None:
         except EngineError:
             pass
 
-
-def _compare_stats(stats: Stats, replies, progress, t0: float) -> Stats:
-    """A compare's figures: the shared prefill's, then all its replies' tokens together."""
-    n, first, last = progress.tokens, progress.t_first, progress.t_last
-    rate = (n - len(replies)) / (last - first) if first and last and last > first and n > len(replies) else None
-    finished = all(r.finish for r in replies)
-    return replace(stats, ttft_s=first - t0 if first else None, decode_tok_s=rate, new_tokens=n,
-                   finish_reason=replies[0].finish if finished else None,
-                   finish_reasons=tuple(r.finish for r in replies) if finished else ())
