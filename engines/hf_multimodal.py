@@ -63,6 +63,8 @@ def load_multimodal(source, name, config, device, dtype, max_context, max_sessio
 class HFMultimodalEngine(HFTextEngine):
     """A transformers multimodal LM and its processor, on one device and dtype."""
 
+    batchable = False  # media blocks and M-RoPE state are per session (batch.py)
+
     def __init__(self, model, processor, **kw):
         tokenizer = getattr(processor, "tokenizer", processor)
         kw["chat_template"] = kw.get("chat_template") or getattr(processor, "chat_template", None)
@@ -184,9 +186,9 @@ class HFMultimodalEngine(HFTextEngine):
 
     # -- the model (called with self.lock held)
 
-    def forward(self, ids, cache, extras, session) -> torch.Tensor:
+    def forward(self, ids, cache, extras) -> torch.Tensor:
         kw = {k: hf.to_model(v, self.device, self.dtype) for k, v in extras.items()}
-        logits = super().forward(ids, cache, kw, session)
+        logits = super().forward(ids, cache, kw)
         if self.placeholder_ids:
             logits[sorted(self.placeholder_ids)] = torch.finfo(logits.dtype).min
         return logits

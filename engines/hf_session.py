@@ -150,7 +150,7 @@ class HFSession(Session):
             with torch.inference_mode():
                 if self._cache is None:
                     self._cache = eng.new_cache()
-                logits = eng.forward(ids, self._cache, extras, self)
+                logits = eng.forward(ids, self._cache, extras)
         except BaseException as e:  # an interrupt mid-forward leaves the cache half-updated too
             raise self._poison(e, "forward pass")
         finally:

@@ -24,6 +24,7 @@ import torch
 
 from . import kv
 from .attention import use_sdpa_gqa
+from .batch import decode_batch
 from .base import Busy, Engine, InvalidArgument, MultimodalInput, NotSupported, ServingCapacity, check_inputs
 from .chat import render_messages
 from .compiled import CompiledStep, refusal
@@ -35,6 +36,7 @@ class HFTextEngine(Engine):
     """A transformers causal LM and its tokenizer, on one device and dtype."""
 
     backend = "transformers"
+    batchable = True  # sessions at one position may decode in one batched forward (batch.py)
 
     def __init__(
         self,
@@ -122,8 +124,6 @@ class HFTextEngine(Engine):
 
     def decode_batch(self, sessions, samplings):
         """Sessions at one position step in one forward (`batch.py`); others in turn."""
-        from .batch import decode_batch
-
         if len(sessions) != len(samplings):
             raise InvalidArgument(f"{len(sessions)} sessions but {len(samplings)} sampling configs")
         return decode_batch(self, sessions, samplings)
@@ -185,9 +185,8 @@ class HFTextEngine(Engine):
         """An empty cache for one session: fixed-size when compiled, else growing."""
         return self.compiled.new_cache() if self.compiled else kv.new_cache(self.model.config)
 
-    def forward(self, ids: list[int], cache, extras: dict, session) -> torch.Tensor:
-        """One forward of `ids` on `cache`; returns the last position's logits.
-        `session` is unused here; tests/cases.py's fault hook tells sessions apart by it."""
+    def forward(self, ids: list[int], cache, extras: dict) -> torch.Tensor:
+        """One forward of `ids` on `cache`; returns the last position's logits."""
         if self.compiled and len(ids) == 1 and not extras:
             return self.compiled(ids[0], cache)  # sets the threads it was compiled for
         use_threads(self, len(ids))

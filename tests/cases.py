@@ -87,10 +87,10 @@ ENGINES = {"transformers": default_engine, "llama.cpp": llamacpp_engine}
 def break_hf_session(engine, monkeypatch, sick):
     real = engine.forward
 
-    def broken(ids, cache, extras, session):
-        if session is sick:
+    def broken(ids, cache, extras):
+        if cache is sick._cache:  # adapter detail, as in hf_kv_held
             raise RuntimeError("simulated device failure")
-        return real(ids, cache, extras, session)
+        return real(ids, cache, extras)
 
     monkeypatch.setattr(engine, "forward", broken)
 
@@ -99,7 +99,8 @@ def hf_kv_held(engine, session):
     from transformers import StaticCache
 
     cache = session._cache  # adapter detail: measure what the KV really holds
-    held = sum(l.keys.nbytes + l.values.nbytes for l in cache.layers if getattr(l, "is_initialized", False))
+    held = sum(l.keys.nbytes + l.values.nbytes for l in cache.layers  # shared layers (Gemma 3n) hold no keys
+               if getattr(l, "is_initialized", False) and getattr(l, "keys", None) is not None)
     if isinstance(cache, StaticCache):  # allocated whole at the first prefill
         return held, engine.capacity.max_context_len
     return held, session.position

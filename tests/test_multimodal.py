@@ -17,7 +17,7 @@ from PIL import Image
 
 from engines import InvalidArgument, MultimodalInput as MI, NotSupported, SamplingConfig
 from engines.media import load_image
-from tests.cases import greedy_ids
+from tests.cases import greedy_ids, hf_kv_held
 from tests.tiny_models import BUILDERS, image, image_bytes, tiny_engine, tone
 
 GREEDY = SamplingConfig()
@@ -419,7 +419,7 @@ def test_gemma3n_with_shared_kv_layers_decodes_seeks_and_sizes_its_cache():
     with fresh(engine, prompt) as s:
         gen = greedy_ids(s, 5)
         close(s.pending_logits, full_forward(engine, s.tokens, engine.prepare(prompt).extras))
-        held = sum(l.keys.nbytes + l.values.nbytes for l in s._cache.layers if getattr(l, "keys", None) is not None)
+        held, _ = hf_kv_held(engine, s)
         assert held / s.position == engine.capacity.kv_bytes_per_token  # shared layers store nothing
         (a, b), = s.media_spans
         s.seek(b + 1)
