@@ -22,16 +22,15 @@ import torch
 
 from . import kv
 from .base import SessionPoisoned
+from .cpu_tuning import use_threads
 
 DUMMY_TOKEN = 0  # fed to a row whose session does not step; that row's result is thrown away
 
 
 def batchable(engine) -> bool:
-    """Plain text engines with growing caches only: media blocks, M-RoPE state and
-    fixed-size compiled caches are per session and are not batched."""
-    from .hf_text import HFTextEngine
-
-    return type(engine) is HFTextEngine and engine.compiled is None
+    """Plain text engines with growing caches only (`engine.batchable`, False where media
+    blocks or M-RoPE state are per session); fixed-size compiled caches are not batched."""
+    return getattr(engine, "batchable", False) is True and getattr(engine, "compiled", None) is None
 
 
 class BatchGroup:
@@ -69,8 +68,6 @@ class BatchGroup:
         """One forward for every queued token; rows with nothing queued take a dummy."""
         if not self._queued:
             return
-        from .cpu_tuning import use_threads
-
         eng = self.engine
         queued, self._queued = self._queued, {}
         tokens = [[queued.get(row, DUMMY_TOKEN)] for row in range(len(self.members))]

@@ -444,15 +444,3 @@ class OpenAIServerEngine(CompletionEngine):
                     "mean nothing to it. Reconnect to the new model")
         return None
 
-
-def connect(url: str, kind: str, *, max_context=None, max_sessions=None, chat_template=None,
-            api_key: str | None = None, timeout: float = 60.0, tokenizer: str | None = None) -> OpenAIServerEngine:
-    """An engine over the vLLM or SGLang server at `url` (engines.serving.connect calls this)."""
-    if kind == "vllm":
-        from .vllm_dialect import VLLMEngine as cls
-    elif kind == "sglang":
-        from .sglang_dialect import SGLangEngine as cls
-    else:
-        raise InvalidArgument(f"unknown server kind {kind!r}; one of vllm, sglang")
-    return cls(url, max_context=max_context, max_sessions=max_sessions, chat_template=chat_template,
-               api_key=api_key, timeout=timeout, tokenizer=tokenizer)

@@ -75,9 +75,10 @@ def connect(url: str, backend: str = "auto", max_context=None, max_sessions=None
         return LlamaServerEngine(base, max_context=max_context, max_sessions=max_sessions,
                                  chat_template=chat_template, api_key=api_key, timeout=timeout)
     if kind in ("vllm", "sglang"):
-        from . import openai_server
-
-        return openai_server.connect(base, kind, max_context=max_context, max_sessions=max_sessions,
-                                     chat_template=chat_template, api_key=api_key, timeout=timeout,
-                                     tokenizer=tokenizer)
+        if kind == "vllm":
+            from .vllm_dialect import VLLMEngine as cls
+        else:
+            from .sglang_dialect import SGLangEngine as cls
+        return cls(base, max_context=max_context, max_sessions=max_sessions, chat_template=chat_template,
+                   api_key=api_key, timeout=timeout, tokenizer=tokenizer)
     raise NotSupported(f"unknown serving backend {kind!r}; one of {', '.join(KINDS)}")
