@@ -33,7 +33,7 @@ from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 
 
-def refusal(model) -> str | None:
+def why_not_compilable(model) -> str | None:
     """Why `model` cannot use the compiled path, or None when it can."""
     config = model.config
     if config.get_text_config() is not config:
@@ -50,7 +50,7 @@ class CompiledStep:
     """The compiled one-token forward and the caches it runs on."""
 
     def __init__(self, model, max_len: int):
-        """`model` must pass `refusal()`; the engine checks that first."""
+        """`model` must pass `why_not_compilable()`; the engine checks that first."""
         self.model = model
         self.max_len = max_len
         self.graph = torch.compile(model.forward, fullgraph=True, dynamic=False)  # the compiled forward
@@ -59,7 +59,7 @@ class CompiledStep:
 
     def new_cache(self) -> StaticCache:
         cache = StaticCache(config=self.model.config, max_cache_len=self.max_len)
-        assert all(type(layer) is StaticLayer for layer in cache.layers)  # refusal() ruled the others out
+        assert all(type(layer) is StaticLayer for layer in cache.layers)  # why_not_compilable() ruled the others out
         return cache
 
     def __call__(self, token: int, cache: StaticCache) -> torch.Tensor:

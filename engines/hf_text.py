@@ -27,7 +27,7 @@ from .attention import use_sdpa_gqa
 from .batch import decode_batch
 from .base import Busy, Engine, InvalidArgument, MultimodalInput, NotSupported, ServingCapacity, check_inputs
 from .chat import render_messages
-from .compiled import CompiledStep, refusal
+from .compiled import CompiledStep, why_not_compilable
 from .cpu_tuning import DECODE_THREADS_ENV, GEMV_LAYOUT_ENV, decode_threads, use_gemv_layout, use_threads  # noqa: F401
 from .hf_session import STOP_POLL_S, HFSession, Prepared  # noqa: F401 (STOP_POLL_S: re-exported)
 
@@ -87,7 +87,7 @@ class HFTextEngine(Engine):
             raise InvalidArgument(f"compile must be True or False, got {compile!r}")
         if not compile:
             return None
-        why = refusal(self.model)
+        why = why_not_compilable(self.model)
         if why:
             raise InvalidArgument(
                 f"compile=True needs a text model with full attention on every layer, "

@@ -12,8 +12,8 @@ import random
 from dataclasses import dataclass, field, replace
 
 from engines import Busy, MultimodalInput, SamplingConfig  # noqa: F401 - Busy: re-exported
+from engines.chat import ROLES  # noqa: F401 - one definition, the renderer's (re-exported)
 
-ROLES = ("system", "user", "assistant")
 FINISH_REASONS = ("eos", "length", "stopped", "stop_string", "context_full")
 
 

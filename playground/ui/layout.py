@@ -187,7 +187,7 @@ def build_ui(engine, *, max_sessions: int | None = None, max_new_tokens_cap: int
 
 
 def forget_session_state(demo: gr.Blocks):
-    """A hook for `SessionManager.on_close`: drop Gradio's own state for a freed tab.
+    """A hook for `TabRegistry.on_close`: drop Gradio's own state for a freed tab.
 
     Gradio 6.31 keeps a copy of the page's config per browser session (about 0.6 MiB
     for this page, measured with benchmarks/soak.py) and never drops it, only marks it
