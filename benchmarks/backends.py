@@ -58,7 +58,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from .common import interleaved, now, summarise, summary  # noqa: E402 (no torch in common's imports)
+from .common import erase_slot, interleaved, now, summarise, summary  # noqa: E402 (no torch in common's imports)
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ("decode", "concurrent", "chat", "stop", "ui", "startup")
@@ -143,11 +143,12 @@ def drain(gen, t0: float | None = None) -> tuple[str, float | None]:
 
 def resend(engine, messages: list[dict]) -> dict:
     """The stateless peer: template and tokenize the whole history, prefill it into a
-    fresh session (llama.cpp: a slot erased on close, so nothing is cached), first token."""
+    fresh session (llama.cpp: its slot erased first, so nothing is cached), first token."""
     from engines import MultimodalInput
 
     s = engine.create_session()
     try:
+        erase_slot(engine, s)
         t0 = now()
         ids = engine.tokenize(engine.render(messages))
         s.prefill([MultimodalInput.tokens(ids)])

@@ -32,7 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from engines import MultimodalInput, SamplingConfig  # noqa: E402
 
 from .chat import user_turn  # noqa: E402
-from .common import interleaved, now, summarise  # noqa: E402
+from .common import erase_slot, interleaved, now, summarise  # noqa: E402
 from .decode import in_worker  # noqa: E402
 
 HOT = [SamplingConfig(temperature=0.7, seed=s) for s in (1, 2, 3)]
@@ -110,8 +110,9 @@ def bench_switch(engine, reps: int, history_tokens: int, reply_tokens: int) -> d
 
     def resend():
         tape = conv.session.tokens
-        t0 = now()
         with engine.create_session() as s:
+            erase_slot(engine, s)
+            t0 = now()
             s.prefill([MultimodalInput.tokens(tape)])
             dt = now() - t0
             cached = getattr(s, "last_cached", None)  # a server's prefix cache, where it reports one

@@ -92,3 +92,11 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "?"
+
+
+def erase_slot(engine, session) -> None:
+    """Empty a server slot's KV before a stateless peer uses it: a closed session's slot
+    keeps its KV (engines/llama_server.py), and a peer must not find its prompt cached."""
+    post = getattr(engine, "post", None)
+    if post is not None and hasattr(session, "slot"):
+        post(f"/slots/{session.slot}?action=erase", {})
