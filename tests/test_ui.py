@@ -6,6 +6,8 @@ widgets' values, not on exact token counts, so they hold on a loaded CPU.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import time
 
@@ -93,6 +95,26 @@ def test_streaming_grows_and_panel_matches_server(app):
     assert shown(final).stored["messages"] == conv.to_messages()
     # The box is cleared once the message is accepted.
     assert any(shown(out).box == {"text": "", "files": []} for out in job.outputs())
+
+
+def thread_wakeups() -> int:
+    """Voluntary context switches of every thread of this process so far (Linux)."""
+    total = 0
+    for t in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError), open(f"/proc/self/task/{t}/status") as f:
+            total += sum(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
+    return total
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts wake-ups through Linux's /proc")
+def test_an_idle_app_does_not_spin(app):
+    # Gradio's queue polls every 1 ms: 1,000 wake-ups a second of the event loop, each taking
+    # the GIL and a core from decoding. launch() slows that polling (layout.quiet_queue).
+    time.sleep(0.5)
+    before, t0 = thread_wakeups(), time.monotonic()
+    time.sleep(2)
+    rate = (thread_wakeups() - before) / (time.monotonic() - t0)
+    assert rate < 400, f"{rate:.0f} thread wake-ups a second in an idle app"
 
 
 def test_cancel_stops_server_generation_quickly(app):

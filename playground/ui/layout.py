@@ -219,6 +219,9 @@ def shown_as(labels: dict, handler, extra: bool = False, stored: bool = True):
     return immediate
 
 
+QUEUE_POLL_S = 0.02
+
+
 def launch(demo: gr.Blocks, **kwargs):
     """`demo.launch` with the playground's CSS and upload limit filled in."""
     kwargs.setdefault("css", CSS)
@@ -229,4 +232,19 @@ def launch(demo: gr.Blocks, **kwargs):
     # Page views that never open a tab keep Gradio's per-session copy too: bound how many.
     sessions = getattr(demo, "sessions", None)
     kwargs.setdefault("state_session_capacity", max(256, 8 * (sessions.max_sessions if sessions else 4)))
+    quiet_queue(demo)
     return demo.launch(**kwargs)
+
+
+def quiet_queue(demo: gr.Blocks, poll_s: float = QUEUE_POLL_S) -> None:
+    """Gradio's queue looks for new events every 1 ms whenever it has none waiting, even
+    while a reply streams, and for progress updates every 10 ms: over 1,000 wake-ups a
+    second of the event loop, each taking the GIL from the decode thread and a core from
+    llama.cpp's threads. Polling every `poll_s` is still instant for a person, and the
+    playground shows no progress bars (benchmarks/RESULTS.md, run 6). The attributes are
+    Gradio's own (gradio/queueing.py); a Gradio without them is left alone."""
+    queue = getattr(demo, "_queue", None)
+    for name in ("sleep_when_free", "progress_update_sleep_when_free"):
+        value = getattr(queue, name, None)
+        if isinstance(value, (int, float)):
+            setattr(queue, name, max(value, poll_s))
