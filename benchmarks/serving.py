@@ -31,6 +31,8 @@ sys.path.insert(0, str(ROOT))
 from engines import MultimodalInput as MI, SamplingConfig  # noqa: E402
 from playground import Conversation  # noqa: E402
 
+from benchmarks.common import erase_slot  # noqa: E402
+
 GREEDY = SamplingConfig()
 PROMPT = "Write a long story about a lighthouse keeper and a storm."
 QUESTIONS = ["Tell me about the sea.", "What lives in it?", "Name a famous ship.", "Why did it sink?",
@@ -86,9 +88,7 @@ def ttft_cached(conv: Conversation, question: str) -> dict:
 def ttft_uncached(engine, ids: list[int]) -> dict:
     """A stateless client: the whole history sent to a slot with nothing cached."""
     with engine.create_session() as s:
-        erase = getattr(engine, "post", None)
-        if erase is not None:
-            erase(f"/slots/{s.slot}?action=erase", {})
+        erase_slot(engine, s)
         t0 = time.perf_counter()
         s.prefill([MI.tokens(ids)])
         s.decode_one(GREEDY)

@@ -526,8 +526,5 @@ def _done_for_now(session, finish: str | None, max_new_tokens: int) -> None:
     engine that decodes ahead of the reader stops (engines/base.py `Session.pause`). A
     one-token step skips it: stepping through a reply keeps one random stream."""
     if finish == "stop_string" or (finish == "length" and max_new_tokens > 1):
-        try:
-            session.pause()
-        except EngineError:
-            pass
+        session.pause()
 
