@@ -25,12 +25,11 @@ from playground.ui.view import View
 
 log = logging.getLogger("playground.ui")
 EMPTY_BOX = {"text": "", "files": []}
-# While streaming, renders take a twentieth of the time at most, and come at most
-# 10 a second. A render is Python work on Gradio's event loop (a 14-output update
-# costs 10-20 ms there) that holds the GIL the decode thread needs between ops, and
-# a core that llama.cpp's threads need: one render per token cost the decode rate a
-# tenth to a quarter here (benchmarks/RESULTS.md, run 6).
-RENDER_SHARE, RENDER_INTERVAL_S = 0.05, 0.1
+# While streaming, renders take about a tenth of the time at most, and come at most
+# 20 a second. A render is Python work on Gradio's event loop (a 14-output update
+# costs 10-20 ms there) that holds the GIL the decode thread needs between ops:
+# one render per token cost the decode rate a tenth to a quarter here.
+RENDER_SHARE, RENDER_INTERVAL_S = 0.1, 0.05
 STREAMING = "A reply is still streaming in this tab: press Stop first."
 
 
